@@ -1,0 +1,69 @@
+"""The component kinds: the interfaces a method assembles. One concrete class per file registers
+itself as a subclass of one of these (see ``mmgen.registry``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmgen.registry import Component, Registered
+
+
+@dataclass
+class LMOutput:
+    loss: torch.Tensor | None  # token-mean cross-entropy over every supervised label of the batch
+    logits: torch.Tensor  # (b, t, vocab)
+    hidden: torch.Tensor  # (b, t, d) last layer, after the final norm: hidden_states[-1]
+
+
+class LLMBackbone(Component, kind="llm"):
+    """A frozen causal language model whose new special tokens (and adapter, if any) train.
+
+    ``configure(new_tokens=..., new_token_init=...)`` loads the model and tokenizer and adds the
+    tokens a method needs. After that: ``tokenizer``, ``embed_dim``, ``token_id(token)``,
+    ``embed(ids)``, ``forward(inputs_embeds, attention_mask, labels)``.
+    """
+
+    tokenizer = None
+
+    def configure(self, new_tokens: list[str] = (), new_token_init: str = "random") -> None:
+        raise NotImplementedError
+
+    def token_id(self, token: str) -> int:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, inputs_embeds, attention_mask, labels=None) -> LMOutput:
+        raise NotImplementedError
+
+
+class VisualEncoder(Component, kind="visual_encoder"):
+    """A frozen image encoder. ``forward(images)`` takes RGB in [0, 1], (b, 3, h, w), does its own
+    resizing/normalisation, and returns features (b, n_tokens, feature_dim)."""
+
+    feature_dim: int
+    n_tokens: int
+
+
+class InputProjection(Component, kind="input_projection"):
+    """Maps visual features (b, n, feature_dim) into the LLM's input embedding space (b, k, d)."""
+
+
+class OutputHead(Component, kind="output_head"):
+    """Maps LLM hidden states to something outside the LLM: retrieval embeddings, generator inputs."""
+
+
+class PeftAdapter(Registered, kind="adapter"):
+    """A peft method applied to the LLM. ``peft_config(token_targets)`` returns the peft config
+    that also trains exactly the new token rows ``token_targets`` ({module name: row indices})."""
+
+    def peft_config(self, token_targets: dict[str, list[int]]):
+        raise NotImplementedError
+
+    def set_train_mode(self, model: nn.Module, mode: bool) -> None:
+        """The LLM stays in eval mode (its own dropout off); an adapter's stochastic parts follow
+        ``mode``. Default: nothing of the adapter is stochastic."""

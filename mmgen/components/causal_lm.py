@@ -1,0 +1,189 @@
+"""Any transformers causal LM as a frozen backbone whose new token rows train through peft."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmgen.components.base import LLMBackbone, LMOutput, PeftAdapter
+from mmgen.components.hub import KNOWN_TOKENIZER_LENGTHS, random_weights_requested, resolve_config, resolve_name
+from mmgen.errors import ConfigError
+
+
+class CausalLM(LLMBackbone):
+    """A causal LM (OPT, LLaMA/Vicuna, or any ``AutoModelForCausalLM``), frozen.
+
+    Only the rows of the tokens a method adds train (input rows, and output rows where the LM head
+    is not tied to them), through peft's trainable-token layers: the original matrix is never
+    touched, so frozen rows stay bit-identical under weight decay and the optimizer keeps state for
+    the new rows alone (the reference masks gradients of the whole matrix instead, and AdamW's
+    decoupled weight decay still shrinks every frozen row).
+
+    Args:
+        name_or_path: Hub id or local folder of a pretrained causal LM.
+        config: Config values for a randomly initialised LM (tests, dry runs), with ``model_type``;
+            with ``name_or_path`` too, they override that model's config.
+        random_weights: Build ``name_or_path``'s architecture with random weights (no download
+            when its config is bundled in ``mmgen.components.hub``).
+        tokenizer: Hub id or folder of the tokenizer. Default: ``name_or_path``.
+        adapter: A peft adapter (LoRA, prefix tuning) trained with the new token rows. None: only
+            the new token rows train.
+        dtype: dtype of the frozen weights ("float32", "bfloat16", "float16").
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        config: dict | None = None,
+        random_weights: bool = False,
+        tokenizer: str | None = None,
+        adapter: PeftAdapter | None = None,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.name_or_path = resolve_name(name_or_path)
+        self.config_overrides = config
+        self.random_weights = random_weights
+        self.tokenizer_name = resolve_name(tokenizer or name_or_path)
+        self.adapter = adapter
+        self.dtype = getattr(torch, dtype)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.model: nn.Module | None = None
+        self.new_token_ids: list[int] = []
+
+    # -- building --------------------------------------------------------------------------------
+    def configure(self, new_tokens: list[str] = (), new_token_init: str = "random") -> None:
+        """Load (or randomly build) the LM and tokenizer, add ``new_tokens`` and wrap in peft.
+
+        ``new_token_init``: "random" (the resized rows as transformers initialises them, as
+        FROMAGe/GILL do) or "mean" (the mean of the existing rows, as MiniGPT-5 does).
+        """
+        if self.model is not None:
+            return
+        from peft import TrainableTokensConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        self.tokenizer = self._load_tokenizer()
+        if random_weights_requested(self.random_weights) or self.name_or_path is None:
+            config = resolve_config(self.name_or_path, self.config_overrides)
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.name_or_path, dtype=self.dtype, **(self.config_overrides or {})
+            )
+        model.requires_grad_(False)
+        self.new_token_ids = self._add_tokens(model, list(new_tokens), new_token_init)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+
+        targets = self._token_targets(model)
+        if self.adapter is not None:
+            model = get_peft_model(model, self.adapter.peft_config(targets))
+        elif self.new_token_ids:
+            names = list(targets)
+            model = get_peft_model(
+                model, TrainableTokensConfig(target_modules=names, token_indices=self.new_token_ids)
+            )
+        self.model = model
+        self.train(self.training)
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.tokenizer_name is None:
+            return None
+        try:
+            return AutoTokenizer.from_pretrained(self.tokenizer_name)
+        except (OSError, ValueError):
+            if random_weights_requested(self.random_weights):
+                return None  # random full-size build without tokenizer files: ids from the table
+            raise
+
+    def _add_tokens(self, model: nn.Module, tokens: list[str], init: str) -> list[int]:
+        if not tokens:
+            return []
+        if self.tokenizer is not None:
+            self.tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+            ids = self.tokenizer.convert_tokens_to_ids(tokens)
+            n_rows = len(self.tokenizer)
+        else:
+            base = KNOWN_TOKENIZER_LENGTHS.get(self.name_or_path)
+            if base is None:
+                raise ConfigError(f"no tokenizer for {self.name_or_path!r}: give `tokenizer`")
+            ids = list(range(base, base + len(tokens)))
+            n_rows = base + len(tokens)
+            self._token_ids_without_tokenizer = dict(zip(tokens, ids))
+        old_rows = model.get_input_embeddings().weight.shape[0]
+        # Resize to the tokenizer's length, as the reference does (OPT's 50272-row matrix shrinks
+        # to 50267 for FROMAGe and grows to 50274 for GILL). mean_resizing=False: deterministic.
+        model.resize_token_embeddings(n_rows, mean_resizing=False)
+        if init == "mean":
+            with torch.no_grad():
+                for matrix in {id(m): m for m in self._token_matrices(model)}.values():
+                    matrix[ids] = matrix[: min(old_rows, min(ids))].mean(0, keepdim=True)
+        elif init != "random":
+            raise ConfigError(f"new_token_init must be 'random' or 'mean', not {init!r}")
+        return list(ids)
+
+    @staticmethod
+    def _token_matrices(model: nn.Module) -> list[torch.Tensor]:
+        matrices = [model.get_input_embeddings().weight]
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not matrices[0]:
+            matrices.append(output.weight)
+        return matrices
+
+    def _token_targets(self, model: nn.Module) -> dict[str, list[int]]:
+        """{module name: new row ids} for the input embedding and, if untied, the LM head."""
+        if not self.new_token_ids:
+            return {}
+        by_module = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+        targets = {by_module[id(model.get_input_embeddings())]: self.new_token_ids}
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not model.get_input_embeddings().weight:
+            targets[by_module[id(output)]] = self.new_token_ids
+        return targets
+
+    # -- training mode ---------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        # The frozen LM always runs in eval mode (no dropout), as in the reference; an adapter's
+        # own stochastic parts (LoRA dropout) follow `mode`.
+        super().train(mode)
+        if self.model is not None:
+            self.model.eval()
+            if self.adapter is not None:
+                self.adapter.set_train_mode(self.model, mode)
+        return self
+
+    # -- using -----------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the last hidden state (what the LM head reads)."""
+        return self.model.get_output_embeddings().weight.shape[1]
+
+    def token_id(self, token: str) -> int:
+        if self.tokenizer is None:
+            return self._token_ids_without_tokenizer[token]
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ConfigError(f"token {token!r} is not in the tokenizer of {self.tokenizer_name}")
+        return token_id
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)  # (b, t) -> (b, t, d)
+
+    def forward(self, inputs_embeds, attention_mask, labels=None) -> LMOutput:
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            output_hidden_states=True,
+        )
+        return LMOutput(loss=out.loss, logits=out.logits, hidden=out.hidden_states[-1])

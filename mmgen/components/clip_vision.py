@@ -1,0 +1,78 @@
+"""CLIP's vision tower as a frozen visual encoder (FROMAGe, GILL)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmgen.components.base import VisualEncoder
+from mmgen.components.hub import random_weights_requested, resolve_config, resolve_name
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class CLIPVisionEncoder(VisualEncoder):
+    """Frozen CLIP vision model; features are its ``pooler_output`` (the post-LayerNorm CLS vector,
+    1024-d for ViT-L/14), not the projected ``image_embeds``, as FROMAGe and GILL use.
+
+    Args:
+        name_or_path: Hub id or local folder of a CLIP model (or of its vision tower).
+        config: ``CLIPVisionConfig`` values for random weights, or overrides of ``name_or_path``'s.
+        random_weights: Build ``name_or_path``'s architecture with random weights.
+        dtype: dtype of the frozen weights.
+    """
+
+    n_tokens = 1
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        config: dict | None = None,
+        random_weights: bool = False,
+        dtype: str = "float32",
+    ):
+        super().__init__()
+        self.name_or_path = resolve_name(name_or_path)
+        self.config_overrides = config
+        self.random_weights = random_weights
+        self.dtype = getattr(torch, dtype)
+        self.model = None
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def configure(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        if random_weights_requested(self.random_weights) or self.name_or_path is None:
+            config = resolve_config(self.name_or_path, self.config_overrides, CLIPVisionConfig)
+            model = CLIPVisionModel(config).to(self.dtype)
+        else:
+            model = CLIPVisionModel.from_pretrained(self.name_or_path, dtype=self.dtype)
+        self.model = model.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.model is not None:
+            self.model.eval()  # frozen: always inference behaviour
+        return self
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    @torch.no_grad()  # frozen: no activations kept for a backward pass
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # images: (b, 3, h, w) RGB in [0, 1]
+        size = self.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+        pixels = ((images - self.mean) / self.std).to(self.dtype)
+        pooled = self.model(pixel_values=pixels).pooler_output  # (b, feature_dim)
+        return pooled.unsqueeze(1)  # (b, 1, feature_dim)

@@ -1,0 +1,171 @@
+"""FROMAGe (Koh et al., 2023): a frozen LLM that captions images and retrieves them with [RET].
+
+REFERENCE.md sec. 2. Trainable: the visual prefix, the two retrieval projections, the
+temperature and the [RET] row (5.51M parameters at OPT-6.7B + CLIP ViT-L/14).
+
+    images --CLIP (frozen)--> pooled (b, 1, 1024) --prefix--> (b, k, 4096)
+    captioning:  [prefix][BOS caption [RET]]       --LLM--> CE_caption
+    retrieval:   [BOS caption [RET]]               --LLM--> CE_retmode, h[RET] (b, 4096)
+    contrastive: text_proj(h[RET]) vs image_proj(pooled), all-gathered InfoNCE
+    L = CE_caption + CE_retmode + (CE_t2i + CE_i2t) / 2
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from mmgen.components.base import InputProjection, LLMBackbone, OutputHead, VisualEncoder
+from mmgen.components.retrieval_head import RetrievalHead
+from mmgen.components.visual_prefix import LinearVisualPrefix
+from mmgen.data.interleave import ImageSlot, Text, collate, pack_pairs
+from mmgen.methods.base import MultimodalLM
+from mmgen.methods.losses import retrieval_recall, symmetric_infonce
+from mmgen.methods.optim import Optim
+
+RET_TOKEN = "[RET]"
+
+
+class FROMAGe(MultimodalLM):
+    """FROMAGe as a LightningModule; batches are ``{"images": (b, 3, h, w), "captions": [str]}``.
+
+    Args:
+        llm: Frozen causal LM; gains the ``[RET]`` token.
+        visual_encoder: Frozen image encoder giving pooled features (CLIP ViT-L/14).
+        visual_prefix: Features -> LLM input embeddings. Default: LinearVisualPrefix(n_tokens=1).
+        retrieval_head: Text/image projections and temperature. Default: RetrievalHead(256).
+        max_text_length: Tokens per caption including BOS and [RET]; a longer caption is cut and
+            its last token is [RET].
+        pack_probability: Chance that a training batch's captioning sequences are packed in pairs
+            (the reference: 0.5).
+        optim: AdamW and schedule (reference: lr 3e-4, betas (0.9, 0.95), no weight decay, 100
+            warmup steps; gradient clipping 1.0 is the trainer's ``gradient_clip_val``).
+        seed: Seed of the packing decisions.
+    """
+
+    def __init__(
+        self,
+        llm: LLMBackbone,
+        visual_encoder: VisualEncoder,
+        visual_prefix: InputProjection | None = None,
+        retrieval_head: OutputHead | None = None,
+        max_text_length: int = 24,
+        pack_probability: float = 0.5,
+        optim: Optim | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(optim or Optim(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=100))
+        self.llm = llm
+        self.visual_encoder = visual_encoder
+        self.visual_prefix = visual_prefix or LinearVisualPrefix(n_tokens=1)
+        self.retrieval_head = retrieval_head or RetrievalHead(embed_dim=256)
+        self.max_text_length = max_text_length
+        self.pack_probability = pack_probability
+        self._pack_rng = random.Random(seed)
+        self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def configure_model(self) -> None:
+        self.llm.configure(new_tokens=[RET_TOKEN], new_token_init="random")
+        self.visual_encoder.configure()
+        self.visual_prefix.configure(self.visual_encoder.feature_dim, self.llm.embed_dim)
+        self.retrieval_head.configure(self.llm.hidden_size, self.visual_encoder.feature_dim)
+        self.ret_id = self.llm.token_id(RET_TOKEN)
+
+    # -- the objective ---------------------------------------------------------------------------
+    def caption_ids(self, caption: str) -> list[int]:
+        """BOS + caption tokens, cut so that with [RET] appended there are max_text_length."""
+        return self.llm.tokenizer(caption).input_ids[: self.max_text_length - 1]
+
+    def compute_losses(self, images: torch.Tensor, captions: list[str], pack: bool = False):
+        """Returns (losses dict, text embeddings (b, e), image embeddings (b, e))."""
+        tokenizer, b = self.llm.tokenizer, images.shape[0]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        features = self.visual_encoder(images)  # (b, 1, f)
+        prefix = self.visual_prefix(features)  # (b, k, d)
+        ids = [self.caption_ids(c) for c in captions]
+
+        # Captioning: [prefix][BOS caption [RET]]; BOS is a target (predicted from the last
+        # visual token), as in the reference. Packed: [img1][BOS cap1][img2][BOS cap2][RET][RET].
+        heads = [[ImageSlot(self.visual_prefix.n_tokens), Text(i)] for i in ids]
+        tails = [[Text([self.ret_id])] for _ in ids]
+        if pack:
+            sequences = pack_pairs(heads, tails, tokenizer.bos_token_id, keep_second_bos=True)
+        else:
+            sequences = [h + t for h, t in zip(heads, tails)]
+        cap = collate(sequences, pad_id, images.device)
+        cap_out = self.llm(cap.embed(self.llm.embed, prefix), cap.attention_mask, cap.labels)
+
+        # Retrieval mode: text only, [RET] a target; its hidden state is the text embedding.
+        ret = collate([[Text(i + [self.ret_id])] for i in ids], pad_id, images.device)
+        ret_out = self.llm(ret.embed(self.llm.embed), ret.attention_mask, ret.labels)
+        h_ret = ret_out.hidden[torch.arange(b, device=images.device), ret.last_position_of(self.ret_id)]
+
+        text_emb = self.retrieval_head.embed_text(h_ret.float())  # (b, e)
+        image_emb = self.retrieval_head.embed_image(features.float())  # (b, e)
+        contrastive = symmetric_infonce(
+            self.gather_global_batch(text_emb),
+            self.gather_global_batch(image_emb),
+            self.retrieval_head.logit_scale,
+        )
+        losses = {"caption": cap_out.loss, "retmode": ret_out.loss, "contrastive": contrastive}
+        losses["loss"] = losses["caption"] + losses["retmode"] + losses["contrastive"]
+        return losses, text_emb, image_emb
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        pack = self.pack_probability > 0 and self._pack_rng.random() < self.pack_probability
+        losses, _, _ = self.compute_losses(batch["images"], batch["captions"], pack=pack)
+        self.log_losses(losses, "train", len(batch["captions"]))
+        return losses["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch, stage):
+        losses, text_emb, image_emb = self.compute_losses(batch["images"], batch["captions"])
+        self.log_losses(losses, stage, len(batch["captions"]))
+        self._val_embeddings.append((text_emb.detach(), image_emb.detach()))
+
+    def on_validation_epoch_end(self):
+        self._log_recall("val")
+
+    def on_test_epoch_end(self):
+        self._log_recall("test")
+
+    def _log_recall(self, stage):
+        """Recall@1/5/10 over the whole evaluation set (gathered across ranks)."""
+        if not self._val_embeddings:
+            return
+        text = torch.cat([t for t, _ in self._val_embeddings])
+        image = torch.cat([i for _, i in self._val_embeddings])
+        self._val_embeddings.clear()
+        text = self.gather_global_batch(text, keep_grad=False)
+        image = self.gather_global_batch(image, keep_grad=False)
+        for name, value in retrieval_recall(text, image).items():
+            self.log(f"{stage}/{name}", value, rank_zero_only=True)
+        self.log(f"{stage}/chance_R@1", 1.0 / text.shape[0], rank_zero_only=True)
+
+    def predict_step(self, batch, batch_idx):
+        """Greedy captions for the batch's images (text only; interleaved output comes with the
+        inference API)."""
+        return {"captions": self.caption(batch["images"])}
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, max_new_tokens: int = 16) -> list[str]:
+        tokenizer = self.llm.tokenizer
+        prefix = self.visual_prefix(self.visual_encoder(images))  # (b, k, d)
+        bos = self.llm.embed(torch.full((images.shape[0], 1), tokenizer.bos_token_id, device=images.device))
+        embeds = torch.cat([prefix.to(bos.dtype), bos], dim=1)
+        out = self.llm.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=images.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=[tokenizer.eos_token_id, self.ret_id],
+        )
+        return tokenizer.batch_decode(out, skip_special_tokens=True)

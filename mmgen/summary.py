@@ -1,0 +1,27 @@
+"""Full-size dry runs: build any model with random weights on the meta device and count."""
+
+from __future__ import annotations
+
+import torch
+
+from mmgen.components.hub import random_weights_only
+
+
+def dry_run(model) -> list[tuple[str, int, int]]:
+    """Configure ``model`` (a MultimodalLM) with random weights on the meta device: tensors have
+    shapes and dtypes but no storage, so OPT-6.7B or Vicuna-7B cost nothing. Returns its
+    parameter table."""
+    with random_weights_only(), torch.device("meta"):
+        model.configure_model()
+    return model.parameter_table()
+
+
+def format_table(rows: list[tuple[str, int, int]], title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'component':<20} {'parameters':>16} {'trainable':>14}")
+    for name, total, trainable in rows:
+        lines.append(f"{name:<20} {total:>16,} {trainable:>14,}")
+    total = sum(r[1] for r in rows)
+    trainable = sum(r[2] for r in rows)
+    lines.append(f"{'total':<20} {total:>16,} {trainable:>14,}  ({trainable / 1e6:.2f}M trainable)")
+    return "\n".join(lines)
