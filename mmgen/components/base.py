@@ -67,3 +67,16 @@ class PeftAdapter(Registered, kind="adapter"):
     def set_train_mode(self, model: nn.Module, mode: bool) -> None:
         """The LLM stays in eval mode (its own dropout off); an adapter's stochastic parts follow
         ``mode``. Default: nothing of the adapter is stochastic."""
+
+
+class ImageGenerator(Component, kind="image_generator"):
+    """A frozen text-to-image diffusion model conditioned on text-encoder-shaped embeddings.
+
+    After ``configure()``: ``text_embed_dim`` (768 for SD 1.5, 1024 for SD 2.x), ``max_length``
+    (77), ``encode_captions(captions, use_attention_mask)`` -> (b, 77, text_embed_dim),
+    ``ldm_loss(images, cond, snr_gamma)`` (MiniGPT-5's training signal through the frozen UNet)
+    and ``generate(prompt_embeds, negative_prompt_embeds, ...)`` -> images in [0, 1].
+    """
+
+    text_embed_dim: int
+    max_length: int = 77
