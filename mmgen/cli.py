@@ -3,6 +3,7 @@
     mmgen fit --config configs/fromage_tiny.yaml
     mmgen params --config configs/fromage.yaml     # full-size dry run: parameter table, no download
     mmgen components                               # what is registered, by kind
+    mmgen cache-captions --config configs/gill.yaml  # GILL's caption-embedding cache
 
 Tests call ``main([...])`` in-process.
 """
@@ -86,6 +87,68 @@ def parameter_report(args: list[str]):
     rows = dry_run(cli.model)
     print(format_table(rows, title=f"{type(cli.model).__name__} ({', '.join(options.config)})"))
     return rows
+
+
+@tool("cache-captions")
+def cache_captions(args: list[str]):
+    """Precompute an image generator's caption embeddings for a caption TSV (GILL's generation
+    targets) into a sharded on-disk cache; see mmgen.data.caption_cache for the format."""
+    parser = argparse.ArgumentParser(prog="mmgen cache-captions", description=cache_captions.__doc__)
+    parser.add_argument("--config", action="append", default=[],
+                        help="training config(s): the model's image_generator, the data's TSV and cache folders")
+    parser.add_argument("--split", choices=["train", "val"], default="train", help="which of the config's TSVs")
+    parser.add_argument("--tsv", help="caption TSV (default: the config data's file of --split)")
+    parser.add_argument("--out", help="cache folder (default: the config's CachedCaptionDataModule folder of --split)")
+    parser.add_argument("--generator", help="hub id or folder of a Stable Diffusion model, instead of --config")
+    parser.add_argument("--caption-column", default=None, help="default: the config data's, else 'caption'")
+    parser.add_argument("--use-attention-mask", action="store_true", help="encode with the attention mask (GILL: no)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=10_000, help="captions per .npy shard")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("overrides", nargs="*", help="further LightningCLI arguments for --config")
+    options = parser.parse_args(args)
+    import torch
+
+    from mmgen.data.caption_cache import CachedCaptionDataModule, read_tsv_captions, write_caption_cache
+
+    data, generator = None, None
+    if options.config:
+        cli_args = [a for c in options.config for a in ("--config", c)] + options.overrides
+        cli = build_cli(cli_args + ["--trainer.logger=false"], run=False)
+        generator, data = getattr(cli.model, "image_generator", None), cli.datamodule
+    if options.generator:
+        from mmgen.components.stable_diffusion import StableDiffusion
+
+        generator = StableDiffusion(options.generator)
+    if generator is None:
+        parser.error("give --generator, or a --config whose model has an image_generator")
+    inner = data.data if isinstance(data, CachedCaptionDataModule) else data
+    tsv, out = options.tsv, options.out
+    if tsv is None:
+        if inner is None:
+            parser.error("give --tsv, or a --config with caption data")
+        inner.prepare_data()  # generated datasets (the toy world) are written here
+        tsv = inner.train_tsv if options.split == "train" else inner.val_tsv
+    if out is None and isinstance(data, CachedCaptionDataModule):
+        out = data.train_cache if options.split == "train" else data.val_cache
+    if out is None:
+        parser.error("give --out (or a config whose data is a CachedCaptionDataModule)")
+    column = options.caption_column or getattr(inner, "caption_column", None) or "caption"
+    image_column = getattr(inner, "image_column", None) or "image"
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    generator.configure(parts=("text_encoder",))
+    generator.to(device)
+    captions = read_tsv_captions(tsv, column, image_column)
+    manifest = write_caption_cache(
+        out, captions,
+        encode=lambda batch: generator.encode_captions(batch, options.use_attention_mask),
+        generator=generator.identity, text_embed_dim=generator.text_embed_dim,
+        max_length=generator.max_length, use_attention_mask=options.use_attention_mask,
+        tsv=tsv, caption_column=column, batch_size=options.batch_size, shard_size=options.shard_size,
+    )
+    print(f"{len(captions)} caption embeddings of {tsv} -> {manifest}")
+    return manifest
 
 
 if __name__ == "__main__":

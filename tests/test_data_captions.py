@@ -30,7 +30,8 @@ def good(tmp_path: Path) -> Path:
     Image.new("L", (20, 50), 128).save(images / "grey.png")
     Image.new("RGBA", (33, 33), (0, 0, 255, 100)).save(images / "alpha.png")
     rows = [f'caption {i} with "quotes"\t{i}.png' for i in range(3)]
-    return write_tsv(tmp_path / "train.tsv", ["caption\timage", *rows, "grey one\tgrey.png", "alpha\talpha.png"])
+    rows += ["grey one\tgrey.png", "alpha\talpha.png"]
+    return write_tsv(tmp_path / "train.tsv", ["caption\timage", *rows])
 
 
 def test_load_image_resizes_and_center_crops(tmp_path: Path) -> None:
@@ -145,6 +146,8 @@ def test_datamodule_rejects_batch_larger_than_dataset(tmp_path: Path) -> None:
 
 def test_datamodule_without_validation(tmp_path: Path) -> None:
     train_only = make_datamodule(tmp_path, 4, batch_size=2)
-    datamodule = CaptionDataModule(train_only.train_tsv, image_dir=train_only.image_dir, image_size=8, batch_size=2)
+    datamodule = CaptionDataModule(
+        train_only.train_tsv, image_dir=train_only.image_dir, image_size=8, batch_size=2
+    )
     assert len(datamodule.train_dataloader()) == 2
     assert datamodule.val_dataloader() == []  # Lightning skips validation

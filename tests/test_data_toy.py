@@ -16,7 +16,8 @@ def file_bytes(root: Path) -> dict[str, bytes]:
 
 
 def captions(root: Path) -> list[str]:
-    return [line.split("\t")[0] for name in ("train.tsv", "val.tsv") for line in (root / name).read_text().splitlines()[1:]]
+    rows = [row for name in ("train.tsv", "val.tsv") for row in (root / name).read_text().splitlines()[1:]]
+    return [row.split("\t")[0] for row in rows]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,9 @@ def test_marker_skips_or_regenerates(tmp_path: Path) -> None:
 
 
 def test_toy_datamodule_generates_on_setup(tmp_path: Path) -> None:
-    datamodule = ToyCaptionDataModule(root=str(tmp_path / "toy"), n_train=10, n_val=3, image_size=16, batch_size=4)
+    datamodule = ToyCaptionDataModule(
+        root=str(tmp_path / "toy"), n_train=10, n_val=3, image_size=16, batch_size=4
+    )
     datamodule.setup("fit")
     batches = list(datamodule.train_dataloader())
     assert len(batches) == 2 and batches[0]["images"].shape == (4, 3, 16, 16)
@@ -103,7 +106,11 @@ def test_saved_tokenizer_equals_built_one(tokenizer) -> None:
     saved = AutoTokenizer.from_pretrained(TOY_TOKENIZER_DIR)  # a local folder: no network
     assert saved.get_vocab() == tokenizer.get_vocab()
     assert saved.all_special_tokens == tokenizer.all_special_tokens
-    for text in ["a red circle on a blue background", "###Human: show me the next picture ###Assistant:", "zebra ."]:
+    for text in [
+        "a red circle on a blue background",
+        "###Human: show me the next picture ###Assistant:",
+        "zebra .",
+    ]:
         assert saved(text).input_ids == tokenizer(text).input_ids
     assert (saved.bos_token_id, saved.eos_token_id, saved.pad_token_id) == (1, 1, 0)
     assert saved.padding_side == "right"

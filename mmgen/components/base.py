@@ -64,6 +64,19 @@ class PeftAdapter(Registered, kind="adapter"):
     def peft_config(self, token_targets: dict[str, list[int]]):
         raise NotImplementedError
 
+    def wrap(self, model: nn.Module, token_targets: dict[str, list[int]]) -> nn.Module:
+        """``model`` wrapped in peft with this adapter and the trainable token rows. Default:
+        ``get_peft_model(model, peft_config(token_targets))``; adapters whose peft config cannot
+        also train token rows (prefix tuning) override this."""
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(token_targets))
+
+    def prefix_cache(self, model: nn.Module, batch_size: int):
+        """The key/value cache an adapter puts in front of every sequence (prefix tuning), for
+        decoding through the base model; None for adapters that add no positions."""
+        return None
+
     def set_train_mode(self, model: nn.Module, mode: bool) -> None:
         """The LLM stays in eval mode (its own dropout off); an adapter's stochastic parts follow
         ``mode``. Default: nothing of the adapter is stochastic."""

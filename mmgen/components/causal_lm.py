@@ -81,13 +81,22 @@ class CausalLM(LLMBackbone):
 
         targets = self._token_targets(model)
         if self.adapter is not None:
-            model = get_peft_model(model, self.adapter.peft_config(targets))
+            model = self.adapter.wrap(model, targets)
         elif self.new_token_ids:
             names = list(targets)
             model = get_peft_model(
                 model, TrainableTokensConfig(target_modules=names, token_indices=self.new_token_ids)
             )
+        for param in model.parameters():
+            if param.requires_grad:  # new rows / adapter weights train in fp32 whatever the LM's dtype
+                param.data = param.data.float()
         self.model = model
+        # What peft made trainable, by group: the new token rows and the adapter's own weights.
+        self._group_names = {"tokens": [], "adapter": []}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                self._group_names["tokens" if "trainable_tokens" in name else "adapter"].append(name)
+        self._frozen_row_norm = None
         self.train(self.training)
 
     def _load_tokenizer(self):
@@ -147,6 +156,29 @@ class CausalLM(LLMBackbone):
             targets[by_module[id(output)]] = self.new_token_ids
         return targets
 
+    def _token_layers(self) -> list[nn.Module]:
+        """peft's trainable-token layers holding the new rows (a tied LM head shares its rows)."""
+        return [
+            m for m in self.model.modules()
+            if hasattr(m, "trainable_tokens_delta") and getattr(m, "tied_adapter", None) is None
+        ]
+
+    @torch.no_grad()
+    def rescale_new_rows(self) -> None:
+        """Scale each new row to the mean L2 norm of the original rows (FROMAGe and GILL do this
+        after every optimizer step, so the new tokens stay at the scale the LM was trained on)."""
+        layers = self._token_layers()
+        if not layers:
+            return
+        if self._frozen_row_norm is None:
+            weight = layers[0].base_layer.weight
+            keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep[self.new_token_ids] = False
+            self._frozen_row_norm = weight[keep].float().norm(dim=-1).mean()
+        for layer in layers:
+            for rows in layer.trainable_tokens_delta.values():
+                rows.copy_(nn.functional.normalize(rows, dim=-1) * self._frozen_row_norm.to(rows))
+
     # -- training mode ---------------------------------------------------------------------------
     def train(self, mode: bool = True):
         # The frozen LM always runs in eval mode (no dropout), as in the reference; an adapter's
@@ -178,6 +210,42 @@ class CausalLM(LLMBackbone):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)  # (b, t) -> (b, t, d)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """What can train, by group: ``tokens`` (the new token rows) and ``adapter`` (LoRA or
+        prefix weights; empty without an adapter). Training stages switch groups on and off."""
+        params = dict(self.model.named_parameters())
+        return {group: [params[n] for n in names] for group, names in self._group_names.items()}
+
+    def forward_cached(self, inputs_embeds, attention_mask, past_key_values=None):
+        """One step of a decoding loop with a KV cache: ``(LMOutput, past_key_values)``.
+
+        Runs the base model (LoRA layers and token rows live inside it); a prefix adapter's
+        virtual keys/values start the cache, and ``attention_mask`` (b, past + t) covers the real
+        positions only, as in :meth:`forward`. Positions count on from the virtual tokens, as in
+        peft's training forward, and skip left padding.
+        """
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        b = inputs_embeds.shape[0]
+        n_virtual = 0
+        if self.adapter is not None:
+            prefix = self.adapter.prefix_cache(self.model, b)
+            if prefix is not None:
+                n_virtual = prefix.get_seq_length()
+                past_key_values = prefix if past_key_values is None else past_key_values
+        mask = attention_mask
+        if n_virtual:
+            mask = torch.cat([attention_mask.new_ones(b, n_virtual), attention_mask], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]  # (b, t)
+        out = model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past_key_values,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        return LMOutput(loss=None, logits=out.logits, hidden=out.hidden_states[-1]), out.past_key_values
 
     def forward(self, inputs_embeds, attention_mask, labels=None) -> LMOutput:
         out = self.model(

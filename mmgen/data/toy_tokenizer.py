@@ -31,10 +31,13 @@ PROMPT_WORDS = [
 UNSPLIT_WORDS = ["###Human:", "###Assistant:"]
 
 
-def build_toy_tokenizer() -> PreTrainedTokenizerFast:
-    """Build the toy tokenizer in-process: special tokens, then the toy vocabulary, then prompt words."""
+def build_toy_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """Build the toy tokenizer in-process: special tokens, then the toy vocabulary, then prompt
+    words; with ``vocab_size``, filler words ``<extra_i>`` up to that many (a stand-in for a real
+    vocabulary's size in random-weight benchmarks, e.g. OPT's 50265)."""
     words = SPECIAL_TOKENS + toy_vocabulary()
     words += [word for word in PROMPT_WORDS if word not in words]
+    words += [f"<extra_{i}>" for i in range(max(0, (vocab_size or 0) - len(words)))]
     backend = Tokenizer(WordLevel(vocab={word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = Whitespace()
     backend.add_tokens([AddedToken(word, normalized=False) for word in UNSPLIT_WORDS])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import torch
 
@@ -22,6 +24,11 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
 
     def __init__(self, optim: Optim | None = None):
         super().__init__()
+        # Records every subclass's init arguments; under LightningCLI they are stored as the
+        # config that built them, so load_from_checkpoint can rebuild the components.
+        with warnings.catch_warnings():  # components given as objects (not from a config) are
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")  # dropped
+            self.save_hyperparameters()  # from checkpoints in on_save_checkpoint
         self.optim = optim or Optim()
         # Checkpoints omit frozen weights, so loading is non-strict; on_load_checkpoint checks
         # that exactly the trainable parameters are present instead.
@@ -37,6 +44,10 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # A model built in Python (not from a config) records its components themselves as
+        # hyper-parameters; pickling them would put every frozen weight back in the file.
+        hparams = checkpoint.get("hyper_parameters", {})
+        checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if not isinstance(v, torch.nn.Module)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected, found = self.trainable_state_keys(), set(checkpoint["state_dict"])

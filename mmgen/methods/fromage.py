@@ -39,6 +39,8 @@ class FROMAGe(MultimodalLM):
             its last token is [RET].
         pack_probability: Chance that a training batch's captioning sequences are packed in pairs
             (the reference: 0.5).
+        rescale_new_rows: After each optimizer step, scale the [RET] row to the mean norm of the
+            frozen rows, as the reference does.
         optim: AdamW and schedule (reference: lr 3e-4, betas (0.9, 0.95), no weight decay, 100
             warmup steps; gradient clipping 1.0 is the trainer's ``gradient_clip_val``).
         seed: Seed of the packing decisions.
@@ -52,6 +54,7 @@ class FROMAGe(MultimodalLM):
         retrieval_head: OutputHead | None = None,
         max_text_length: int = 24,
         pack_probability: float = 0.5,
+        rescale_new_rows: bool = True,
         optim: Optim | None = None,
         seed: int = 0,
     ):
@@ -62,6 +65,7 @@ class FROMAGe(MultimodalLM):
         self.retrieval_head = retrieval_head or RetrievalHead(embed_dim=256)
         self.max_text_length = max_text_length
         self.pack_probability = pack_probability
+        self.rescale_new_rows = rescale_new_rows
         self._pack_rng = random.Random(seed)
         self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -118,6 +122,10 @@ class FROMAGe(MultimodalLM):
         losses, _, _ = self.compute_losses(batch["images"], batch["captions"], pack=pack)
         self.log_losses(losses, "train", len(batch["captions"]))
         return losses["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.rescale_new_rows:
+            self.llm.rescale_new_rows()
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")

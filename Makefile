@@ -1,0 +1,34 @@
+# mmgen tasks. `make demo` and `make test` set everything up on a fresh machine first.
+# The constraints keep pip on the CPU torch 2.13.0 wheel (see docs/install.md); on a GPU machine
+# a plain `pip install -e .` is all you need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test bench params clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+demo: setup  ## the main job: FROMAGe on the toy world, CPU, about a minute
+	$(VENV)/bin/mmgen fit --config configs/fromage_tiny.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup  ## training-step benchmarks (by hand; not part of the tests)
+	$(PY) benchmarks/bench_fromage_step.py
+
+params: setup  ## full-size dry runs of the shipped configs
+	for c in configs/fromage.yaml; do $(VENV)/bin/mmgen params --config $$c; done
+
+clean:
+	rm -rf runs .cache lightning_logs

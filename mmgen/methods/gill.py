@@ -1,0 +1,303 @@
+"""GILL (Koh et al., 2023): a frozen LLM that captions images, retrieves them and generates them.
+
+REFERENCE.md sec. 3 and 8. Trainable: the visual prefix (4 tokens), the two retrieval
+projections, the temperature, the GILLMapper and the r=8 [IMG] rows (50.1M parameters at
+OPT-6.7B + CLIP ViT-L/14 + SD v1.5).
+
+    images --CLIP (frozen)--> pooled (b, 1, 1024) --prefix--> (b, 4, 4096)
+    captioning:  [prefix][BOS caption][IMG0..7]           --LLM--> CE_cap ([IMG] masked)
+    text only:   [BOS caption IMG0][IMG1..7]              --LLM--> CE_img (caption + [IMG0] targets),
+                                                                   h[IMG0..7] (b, 8, 4096)
+    retrieval:   text_proj(h[IMG0]) vs image_proj(pooled), all-gathered InfoNCE
+    generation:  mapper(h[IMG0..7] + e[IMG0..7]) (b, 77, 768) vs SD text encoder(caption)
+                 L_gen = per-token L2 distance, mean over batch and the 77 positions
+    L = CE_cap + 0.5 * CE_ret + 0.5 * CE_gen + (CE_t2i + CE_i2t) / 2 + L_gen
+
+The reference runs the text-only forward twice (once as "retrieval", once as "generation") on
+identical inputs; with a frozen LLM both give the same CE, so one forward serves both and
+CE_ret = CE_gen = CE_img: the two 0.5 weights add up to 1.0 of that one loss.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from mmgen.components.base import ImageGenerator, InputProjection, LLMBackbone, OutputHead, VisualEncoder
+from mmgen.components.gill_mapper import GILLMapper
+from mmgen.components.retrieval_head import RetrievalHead
+from mmgen.components.visual_prefix import LinearVisualPrefix
+from mmgen.data.interleave import ImageSlot, Interleaved, Text, collate, pack_pairs
+from mmgen.errors import ConfigError, DataError
+from mmgen.methods.base import MultimodalLM
+from mmgen.methods.losses import retrieval_recall, symmetric_infonce
+from mmgen.methods.optim import Optim
+
+
+def img_tokens(n: int) -> list[str]:
+    return [f"[IMG{i}]" for i in range(n)]
+
+
+def per_token_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """GILL's generation loss: the L2 distance (not squared) between matching tokens, averaged
+    over the batch and every position. pred, target: (b, 77, d)."""
+    return (pred - target).pow(2).sum(dim=-1).sqrt().mean()
+
+
+class GILL(MultimodalLM):
+    """GILL as a LightningModule; batches are ``{"images": (b, 3, h, w), "captions": [str]}``,
+    plus ``"caption_embeddings": (b, 77, d)`` when they come from a caption-embedding cache
+    (``mmgen cache-captions``; ``mmgen.data.caption_cache``).
+
+    Args:
+        llm: Frozen causal LM; gains the ``[IMG0..r-1]`` tokens.
+        visual_encoder: Frozen image encoder giving pooled features (CLIP ViT-L/14).
+        image_generator: Frozen text-to-image model (SD v1.5): its text encoder gives the
+            generation targets when batches carry none; it generates images at inference.
+        visual_prefix: Features -> LLM input embeddings. Default: LinearVisualPrefix(n_tokens=4).
+        retrieval_head: Text ([IMG0] hidden state) and image projections and temperature.
+            Default: RetrievalHead(256).
+        gen_mapper: [IMG] hidden states -> generator conditioning. Default: GILLMapper().
+        n_img_tokens: r, the number of [IMG] tokens (8 in the reference).
+        max_text_length: Tokens per caption including BOS and the r [IMG] tokens; a longer
+            caption is cut so that the last r tokens are [IMG0..r-1].
+        pack_probability: Chance, per mode (captioning; the shared retrieval/generation
+            forward), that a training batch's sequences are packed in pairs (the reference: 0.5).
+        precomputed_captions: Batches carry ``caption_embeddings`` from a cache; the generator's
+            text encoder is then never loaded (only its config is read). False: it is loaded and
+            used for batches without them.
+        optim: AdamW and schedule (reference: lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay
+            0.01, 2000 warmup steps, x0.1 at 10K steps; gradient clipping 1.0 is the trainer's
+            ``gradient_clip_val``).
+        seed: Seed of the packing decisions.
+    """
+
+    def __init__(
+        self,
+        llm: LLMBackbone,
+        visual_encoder: VisualEncoder,
+        image_generator: ImageGenerator | None = None,
+        visual_prefix: InputProjection | None = None,
+        retrieval_head: OutputHead | None = None,
+        gen_mapper: OutputHead | None = None,
+        n_img_tokens: int = 8,
+        max_text_length: int = 32,
+        pack_probability: float = 0.5,
+        precomputed_captions: bool = False,
+        optim: Optim | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(optim or Optim(
+            lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, warmup_steps=2000,
+            schedule="step", decay_steps=(10_000,), decay_factor=0.1,
+        ))
+        if max_text_length <= n_img_tokens + 1:
+            raise ConfigError(f"max_text_length={max_text_length} leaves no room for text and {n_img_tokens} [IMG] tokens")
+        self.llm = llm
+        self.visual_encoder = visual_encoder
+        self.image_generator = image_generator
+        self.visual_prefix = visual_prefix or LinearVisualPrefix(n_tokens=4)
+        self.retrieval_head = retrieval_head or RetrievalHead(embed_dim=256)
+        self.gen_mapper = gen_mapper or GILLMapper()
+        self.n_img_tokens = n_img_tokens
+        self.max_text_length = max_text_length
+        self.pack_probability = pack_probability
+        self.precomputed_captions = precomputed_captions
+        self._pack_rng = random.Random(seed)
+        self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def configure_model(self) -> None:
+        self.llm.configure(new_tokens=img_tokens(self.n_img_tokens), new_token_init="random")
+        self.visual_encoder.configure()
+        self.visual_prefix.configure(self.visual_encoder.feature_dim, self.llm.embed_dim)
+        self.retrieval_head.configure(self.llm.hidden_size, self.visual_encoder.feature_dim)
+        out_dim = None
+        if self.image_generator is not None:
+            # Training needs at most the text encoder (the targets); UNet and VAE load when
+            # images are generated.
+            self.image_generator.configure(parts=() if self.precomputed_captions else ("text_encoder",))
+            out_dim = self.image_generator.text_embed_dim
+        self.gen_mapper.configure(self.llm.hidden_size, out_dim)
+        self.img_ids = [self.llm.token_id(t) for t in img_tokens(self.n_img_tokens)]
+
+    # -- inputs ----------------------------------------------------------------------------------
+    @property
+    def _pad_id(self) -> int:
+        tokenizer = self.llm.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def caption_ids(self, caption: str) -> list[int]:
+        """BOS + caption tokens, cut so that with the r [IMG] tokens there are max_text_length."""
+        return self.llm.tokenizer(caption).input_ids[: self.max_text_length - self.n_img_tokens]
+
+    def caption_sequences(self, ids: list[list[int]], pack: bool) -> list[list]:
+        """[prefix][BOS caption][IMG0..r-1]: BOS and caption are targets (BOS predicted from the
+        last visual token), the [IMG] tokens are masked. Packed: [v1][BOS cap1][v2][cap2][IMG..][IMG..]."""
+        heads = [[ImageSlot(self.visual_prefix.n_tokens), Text(i)] for i in ids]
+        tails = [[Text(self.img_ids, supervised=False)] for _ in ids]
+        if pack:
+            return pack_pairs(heads, tails, self.llm.tokenizer.bos_token_id, keep_second_bos=False)
+        return [h + t for h, t in zip(heads, tails)]
+
+    def text_sequences(self, ids: list[list[int]], pack: bool) -> list[list]:
+        """[BOS caption IMG0][IMG1..r-1]: caption and [IMG0] are targets. Packed (reference):
+        [BOS cap1 IMG0 | IMG1..r-1 cap2 IMG0..r-1] where the second caption (BOS dropped) and its
+        [IMG] tokens carry no labels at all."""
+        img0, rest = self.img_ids[:1], self.img_ids[1:]
+        single = [[Text(i + img0), Text(rest, supervised=False)] for i in ids]
+        if not pack:
+            return single
+        bos = self.llm.tokenizer.bos_token_id
+        packed = []
+        for a in range(0, len(ids) - 1, 2):
+            second = ids[a + 1][1:] if ids[a + 1][:1] == [bos] else ids[a + 1]
+            packed.append(single[a] + [Text(second + self.img_ids, supervised=False)])
+        if len(ids) % 2:
+            packed.append(single[-1])
+        return packed
+
+    def img_states(self, seq: Interleaved, hidden: torch.Tensor, embeds: torch.Tensor):
+        """Hidden states and input embeddings at every [IMG0..r-1] group, in order of appearance
+        (row-major: example order, packed or not): (n, r, hidden), (n, r, d)."""
+        rows, cols = (seq.input_ids == self.img_ids[0]).nonzero(as_tuple=True)  # (n,), (n,)
+        positions = cols[:, None] + torch.arange(self.n_img_tokens, device=cols.device)  # (n, r)
+        return hidden[rows[:, None], positions], embeds[rows[:, None], positions]
+
+    # -- the objective ---------------------------------------------------------------------------
+    def compute_losses(
+        self,
+        images: torch.Tensor,
+        captions: list[str],
+        caption_embeddings: torch.Tensor | None = None,
+        pack_caption: bool = False,
+        pack_text: bool = False,
+        cache_name: str | None = None,
+    ):
+        """Returns (losses dict, text embeddings (b, e), image embeddings (b, e))."""
+        device = images.device
+        features = self.visual_encoder(images)  # (b, 1, f)
+        prefix = self.visual_prefix(features)  # (b, k, d)
+        ids = [self.caption_ids(c) for c in captions]
+
+        cap = collate(self.caption_sequences(ids, pack_caption), self._pad_id, device)
+        cap_out = self.llm(cap.embed(self.llm.embed, prefix), cap.attention_mask, cap.labels)
+
+        # ONE text-only forward for retrieval and generation (the reference runs it twice).
+        txt = collate(self.text_sequences(ids, pack_text), self._pad_id, device)
+        txt_embeds = txt.embed(self.llm.embed)  # (b', t, d)
+        txt_out = self.llm(txt_embeds, txt.attention_mask, txt.labels)
+        h_img, e_img = self.img_states(txt, txt_out.hidden, txt_embeds)  # (b, r, h), (b, r, d)
+
+        text_emb = self.retrieval_head.embed_text(h_img[:, 0].float())  # (b, e), from [IMG0]
+        image_emb = self.retrieval_head.embed_image(features.float())  # (b, e)
+        contrastive = symmetric_infonce(
+            self.gather_global_batch(text_emb),
+            self.gather_global_batch(image_emb),
+            self.retrieval_head.logit_scale,
+        )
+
+        mapped = self.gen_mapper(h_img.float(), e_img.float())  # (b, 77, out_dim)
+        target = self.caption_targets(captions, caption_embeddings, mapped.shape, cache_name)
+        gen = per_token_l2(mapped, target.to(device=device, dtype=mapped.dtype))
+
+        losses = {
+            "caption": cap_out.loss,
+            "img_lm": txt_out.loss,  # CE_ret == CE_gen
+            "contrastive": contrastive,
+            "gen": gen,
+        }
+        losses["loss"] = (
+            losses["caption"] + 0.5 * losses["img_lm"] + 0.5 * losses["img_lm"] + contrastive + gen
+        )
+        return losses, text_emb, image_emb
+
+    def caption_targets(self, captions, caption_embeddings, shape, cache_name=None) -> torch.Tensor:
+        """The frozen text encoder's caption embeddings (b, 77, d): from the batch (a cache) or,
+        without them, computed now."""
+        if caption_embeddings is not None:
+            if tuple(caption_embeddings.shape) != tuple(shape):
+                raise DataError(
+                    f"caption embeddings of shape {tuple(caption_embeddings.shape)} from "
+                    f"{cache_name or 'the batch'} do not fit the mapper output {tuple(shape)}: "
+                    "the cache was made with another image generator"
+                )
+            return caption_embeddings
+        if self.precomputed_captions:
+            raise ConfigError(
+                "precomputed_captions=True but the batch has no `caption_embeddings`: use "
+                "mmgen.data.caption_cache.CachedCaptionDataModule (mmgen cache-captions)"
+            )
+        if self.image_generator is None:
+            raise ConfigError("GILL needs an image_generator or cached caption embeddings")
+        return self.image_generator.encode_captions(captions)  # (b, 77, d), no grad
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def _pack(self) -> bool:
+        return self.pack_probability > 0 and self._pack_rng.random() < self.pack_probability
+
+    def training_step(self, batch, batch_idx):
+        losses, _, _ = self.compute_losses(
+            batch["images"], batch["captions"], batch.get("caption_embeddings"),
+            pack_caption=self._pack(), pack_text=self._pack(), cache_name=batch.get("caption_cache"),
+        )
+        self.log_losses(losses, "train", len(batch["captions"]))
+        return losses["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch, stage):
+        losses, text_emb, image_emb = self.compute_losses(
+            batch["images"], batch["captions"], batch.get("caption_embeddings"),
+            cache_name=batch.get("caption_cache"),
+        )
+        self.log_losses(losses, stage, len(batch["captions"]))
+        self._val_embeddings.append((text_emb.detach(), image_emb.detach()))
+
+    def on_validation_epoch_end(self):
+        self._log_recall("val")
+
+    def on_test_epoch_end(self):
+        self._log_recall("test")
+
+    def _log_recall(self, stage):
+        """Recall@1/5/10 over the whole evaluation set (gathered across ranks)."""
+        if not self._val_embeddings:
+            return
+        text = torch.cat([t for t, _ in self._val_embeddings])
+        image = torch.cat([i for _, i in self._val_embeddings])
+        self._val_embeddings.clear()
+        text = self.gather_global_batch(text, keep_grad=False)
+        image = self.gather_global_batch(image, keep_grad=False)
+        for name, value in retrieval_recall(text, image).items():
+            self.log(f"{stage}/{name}", value, rank_zero_only=True)
+        self.log(f"{stage}/chance_R@1", 1.0 / text.shape[0], rank_zero_only=True)
+
+    # -- using the [IMG] tokens ------------------------------------------------------------------
+    @torch.no_grad()
+    def prompt_img_states(self, prompts: list[str]):
+        """``BOS prompt [IMG0..r-1]`` through the LLM (the [IMG] tokens forced, as at inference
+        once [IMG0] is produced): hidden states and input embeddings at the [IMG] tokens,
+        (b, r, hidden), (b, r, d)."""
+        device = self.retrieval_head.logit_scale.device
+        txt = collate(self.text_sequences([self.caption_ids(p) for p in prompts], False), self._pad_id, device)
+        embeds = txt.embed(self.llm.embed)
+        out = self.llm(embeds, txt.attention_mask)
+        return self.img_states(txt, out.hidden, embeds)
+
+    @torch.no_grad()
+    def generate_images(self, prompts: list[str], **generate_kwargs) -> torch.Tensor:
+        """Images (b, 3, h, w) in [0, 1] for text prompts: the mapper's output as SD's
+        ``prompt_embeds``; SD's own empty-prompt embedding as the unconditional branch."""
+        h_img, e_img = self.prompt_img_states(prompts)
+        prompt_embeds = self.gen_mapper(h_img.float(), e_img.float())  # (b, 77, d)
+        return self.image_generator.generate(prompt_embeds, **generate_kwargs)
+
+    def predict_step(self, batch, batch_idx):
+        """Images generated from the batch's captions (text only; interleaved output comes with
+        the inference API)."""
+        return {"images": self.generate_images(batch["captions"])}

@@ -1,0 +1,104 @@
+"""GILL's decision stage: after GILL has converged, train its retrieve-or-generate module.
+
+REFERENCE.md sec. 3. Everything of GILL stays frozen (loaded from the GILL run's checkpoint);
+only ``Dropout(0.5) + Linear(hidden, 2)`` trains, on labelled prompts
+(``mmgen.data.decision_prompts``), with AdamW lr 1e-3 and no weight decay.
+
+    prompt --[BOS prompt IMG0..7] through the frozen LLM--> h[IMG0] (b, 4096)
+           --DecisionHead--> logits (b, 2) of (generate, retrieve)  --> cross-entropy
+
+As a stage config (``configs/gill_decision_tiny.yaml``): ``mmgen fit`` with this module, the
+same GILL model config as the GILL run, ``gill_checkpoint`` pointing at that run's checkpoint,
+and a ``DecisionPromptDataModule``. Its checkpoints hold the decision module only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmgen.components.base import OutputHead
+from mmgen.components.decision_head import DecisionHead
+from mmgen.errors import ConfigError
+from mmgen.methods.base import MultimodalLM
+from mmgen.methods.gill import GILL
+from mmgen.methods.optim import Optim
+
+
+class GILLDecisionStage(MultimodalLM):
+    """Trains a decision module on the frozen ``[IMG0]`` hidden state of a trained GILL; batches
+    are ``{"prompts": [str], "labels": (b,) long}`` (0: generate, 1: retrieve).
+
+    Args:
+        gill: The GILL model, configured as in the GILL run.
+        gill_checkpoint: That run's checkpoint (trainable parameters only, as mmgen saves them).
+            None: GILL as initialised (tests only).
+        decision_head: Default: DecisionHead(dropout=0.5).
+        optim: Default: AdamW lr 1e-3, weight decay 0, no warmup (the reference).
+    """
+
+    def __init__(
+        self,
+        gill: GILL,
+        gill_checkpoint: str | None = None,
+        decision_head: OutputHead | None = None,
+        optim: Optim | None = None,
+    ):
+        super().__init__(optim or Optim(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0))
+        self.gill = gill
+        self.gill_checkpoint = gill_checkpoint
+        self.decision_head = decision_head or DecisionHead(dropout=0.5)
+        # The decision stage never computes the generation loss: no generator weights needed.
+        self.gill.precomputed_captions = True
+
+    def configure_model(self) -> None:
+        if self.decision_head.is_configured:
+            return
+        self.gill.configure_model()
+        if self.gill_checkpoint is not None:
+            self._load_gill(self.gill_checkpoint)
+        self.gill.requires_grad_(False).eval()
+        self.decision_head.configure(self.gill.llm.hidden_size)
+
+    def _load_gill(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        missing = sorted(self.gill.trainable_state_keys() - set(state))
+        unknown = sorted(set(state) - set(self.gill.state_dict()))
+        if missing or unknown:
+            raise ConfigError(
+                f"{path} is not a checkpoint of this GILL model: missing {missing[:6]}, "
+                f"unexpected {unknown[:6]}"
+            )
+        self.gill.load_state_dict(state, strict=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.gill.eval()  # frozen: the decision module's dropout is the only stochastic part
+        return self
+
+    def logits(self, prompts: list[str]) -> torch.Tensor:
+        h_img, _ = self.gill.prompt_img_states(prompts)  # (b, r, hidden), no grad
+        return self.decision_head(h_img[:, 0].float())  # (b, 2) from the raw [IMG0] state
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def _step(self, batch, stage):
+        logits = self.logits(batch["prompts"])
+        loss = F.cross_entropy(logits, batch["labels"])
+        accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
+        self.log_losses({"loss": loss, "accuracy": accuracy}, stage, len(batch["prompts"]))
+        return loss
+
+    @torch.no_grad()
+    def decide(self, prompts: list[str]) -> list[str]:
+        """"retrieve" or "generate" for each prompt."""
+        h_img, _ = self.gill.prompt_img_states(prompts)
+        return self.decision_head.decide(h_img[:, 0].float())

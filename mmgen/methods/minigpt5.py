@@ -1,0 +1,363 @@
+"""MiniGPT-5 (Zheng et al., 2023): a frozen LLM that writes "generative vokens" which a mapper turns
+into Stable Diffusion conditioning.
+
+REFERENCE.md sec. 4, 5 and 8:
+
+    input images --EVA ViT-g + Q-Former + llama_proj (frozen)--> (n_in, 32, 4096) at <ImageHere>
+    ###Human: ... ###Assistant: {text} [IMG0]..[IMG7] ###   --LLM (frozen + LoRA/prefix)--> L_text
+    h = the 8 hidden states PREDICTING [IMG0..7]             (n_out, 8, 4096)
+    CFG: h := 0 with p = 0.1 per output image (training)
+    mapper(h) (n_out, 77, 1024) --SD UNet (frozen)--> L_LDM (Min-SNR, gamma 5)
+                                 vs SD text encoder(caption, masked) --> L_cap (stage 1)
+    L = 0.01 * L_text + L_LDM (+ 0.1 * L_cap)
+
+Batches come from ``mmgen.data.minigpt5_samples`` (``sources``, ``targets``, ``captions``,
+images with per-sample counts). What trains is chosen by the stage (``mmgen.methods.stages``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmgen.components.base import ImageGenerator, LLMBackbone, VisualEncoder
+from mmgen.components.hub import random_weights_requested
+from mmgen.components.voken_mapper import VokenMapper
+from mmgen.data.interleave import ImageSlot, Interleaved, Text, collate
+from mmgen.data.minigpt5_samples import END, IMAGE_PLACEHOLDER, N_VOKENS, VOKENS
+from mmgen.errors import ConfigError
+from mmgen.methods.base import MultimodalLM
+from mmgen.methods.optim import Optim
+from mmgen.methods.stages import Stage, get_stage
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float = 5.0,
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """Per-sample Min-SNR-gamma loss weights: min(SNR, gamma) / SNR for epsilon prediction
+    (/ (SNR + 1) for v-prediction), SNR_t = alpha_bar_t / (1 - alpha_bar_t)."""
+    alpha = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha / (1 - alpha)
+    denominator = snr + 1 if prediction_type == "v_prediction" else snr
+    return torch.clamp(snr, max=gamma) / denominator
+
+
+class MiniGPT5(MultimodalLM):
+    """MiniGPT-5 as a LightningModule.
+
+    Args:
+        llm: Frozen causal LM (Vicuna-7B); gains ``[IMG0..7]`` and ``<ImageHere>``, initialised to
+            the mean of the existing rows. Give it the stage-2 adapter (LoRA or prefix) in both
+            stages: stage 1 keeps it frozen (an untrained LoRA is the identity).
+        generator: Frozen image generator (SD 2.1-base); fixes the mapper's output width.
+        visual_encoder: Frozen encoder of input images into LLM tokens (``QFormerEncoder``).
+            None: inputs have no images (stage 1 never runs it).
+        mapper: Voken hidden states -> generator conditioning. Default: ``VokenMapper()``.
+        text_loss_weight: Weight of the LM loss (the reference: 0.01).
+        ldm_loss_weight: Weight of the latent diffusion loss (1.0).
+        caption_loss_weight: Weight of the caption MSE where the stage has it on (0.1).
+        snr_gamma: Min-SNR gamma of the diffusion loss (5.0).
+        init_from: A checkpoint (of a stage-1 run) whose trainable tensors initialise this model,
+            except the groups in ``init_reset``. Ignored in dry runs.
+        init_reset: Groups that keep their fresh initialisation (stage 2: the adapter).
+        optim: AdamW and schedule (reference: lr 2e-5, eps 1e-8, weight decay 0.01, linear
+            schedule, 1000 warmup steps; no gradient clipping).
+        seed: Seed of the classifier-free-guidance dropout.
+    """
+
+    def __init__(
+        self,
+        llm: LLMBackbone,
+        generator: ImageGenerator,
+        visual_encoder: VisualEncoder | None = None,
+        mapper: VokenMapper | None = None,
+        text_loss_weight: float = 0.01,
+        ldm_loss_weight: float = 1.0,
+        caption_loss_weight: float = 0.1,
+        snr_gamma: float = 5.0,
+        init_from: str | None = None,
+        init_reset: list[str] = ("adapter",),
+        optim: Optim | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(optim or Optim(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                                        warmup_steps=1000, schedule="linear"))
+        self.llm = llm
+        self.generator = generator
+        self.visual_encoder = visual_encoder
+        self.mapper = mapper or VokenMapper()
+        self.text_loss_weight = text_loss_weight
+        self.ldm_loss_weight = ldm_loss_weight
+        self.caption_loss_weight = caption_loss_weight
+        self.snr_gamma = snr_gamma
+        self.init_from = init_from
+        self.init_reset = list(init_reset)
+        self.seed = seed
+        self.stage: Stage | None = None  # set by the TrainingStages callback; None: all groups train
+        self._cfg_rng = torch.Generator().manual_seed(seed)
+
+    def configure_model(self) -> None:
+        if getattr(self, "voken_ids", None) is not None:
+            return
+        self.llm.configure(new_tokens=VOKENS + [IMAGE_PLACEHOLDER], new_token_init="mean")
+        self.generator.configure()
+        if self.visual_encoder is not None:
+            self.visual_encoder.configure(embed_dim=self.llm.embed_dim)
+        self.mapper.configure(self.llm.hidden_size, self.generator.text_embed_dim)
+        self.voken_ids = [self.llm.token_id(t) for t in VOKENS]
+        if self.init_from and not random_weights_requested(False):
+            self.load_initial_weights(self.init_from, self.init_reset)
+
+    # -- what trains -----------------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Everything that can train, by group: ``vokens``, ``adapter`` (from the LLM) and the
+        mapper's ``fc``, ``transformer``, ``queries``."""
+        llm = self.llm.parameter_groups()
+        groups = {"vokens": llm["tokens"], "adapter": llm["adapter"]}
+        groups.update({name: list(m.parameters()) for name, m in self.mapper.groups().items()})
+        return groups
+
+    def apply_stage(self, stage: Stage) -> None:
+        groups = self.parameter_groups()
+        unknown = (set(stage.train) | set(stage.lr_scale)) - set(groups)
+        if unknown:
+            raise ConfigError(f"stage {stage.name!r} names unknown groups {sorted(unknown)}; groups are {sorted(groups)}")
+        not_scalable = set(stage.lr_scale) - set(self.mapper.groups())
+        if not_scalable:
+            raise ConfigError(f"stage {stage.name!r}: lr_scale only for mapper groups, not {sorted(not_scalable)}")
+        for name, params in groups.items():
+            for p in params:
+                p.requires_grad_(name in stage.train)
+        for name, module in self.mapper.groups().items():
+            module.lr_scale = stage.lr_scale.get(name, 1.0)  # read by optim.param_groups
+
+    @property
+    def caption_loss_on(self) -> bool:
+        return self.stage.caption_loss if self.stage is not None else self.caption_loss_weight > 0
+
+    def configure_optimizers(self):
+        if self.stage is not None:
+            self.apply_stage(self.stage)
+        return super().configure_optimizers()
+
+    def trainable_state_keys(self) -> set[str]:
+        # Every group that trains in some stage, whatever trains now: a stage-2 checkpoint still
+        # carries the stage-1 fc and queries, so it is complete on its own.
+        ids = {id(p) for params in self.parameter_groups().values() for p in params}
+        return {name for name, p in self.named_parameters() if id(p) in ids}
+
+    def load_initial_weights(self, path: str, reset: list[str] = ()) -> None:
+        """Copy a checkpoint's trainable tensors into this model (stage 2 from stage 1). Every
+        checkpoint tensor must exist here with the same shape, and every group not in ``reset``
+        must be in the checkpoint."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint)
+        params = dict(self.named_parameters())
+        names = {id(p): n for n, p in params.items()}
+        groups = {g: {names[id(p)] for p in ps} for g, ps in self.parameter_groups().items()}
+        keep = set().union(*(groups[g] for g in groups if g not in reset))
+        unexpected = sorted(set(state) - set().union(*groups.values()))
+        missing = sorted(keep - set(state))
+        if unexpected or missing:
+            raise ConfigError(f"{path}: does not fit this model: unexpected {unexpected[:6]}, missing {missing[:6]}")
+        with torch.no_grad():
+            for name in sorted(keep):
+                if state[name].shape != params[name].shape:
+                    raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(params[name].shape)}")
+                params[name].copy_(state[name])
+
+    # -- inputs ----------------------------------------------------------------------------------
+    @property
+    def n_image_tokens(self) -> int:
+        return self.visual_encoder.n_tokens if self.visual_encoder is not None else 0
+
+    def source_segments(self, source: str) -> list:
+        """BOS + prompt, ``<ImageHere>`` replaced by image slots; nothing supervised."""
+        tokenizer, segments = self.llm.tokenizer, []
+        pieces = source.split(IMAGE_PLACEHOLDER)
+        for i, piece in enumerate(pieces):
+            segments.append(Text(tokenizer(piece, add_special_tokens=i == 0).input_ids, supervised=False))
+            if i < len(pieces) - 1:
+                if self.visual_encoder is None:
+                    raise ConfigError(f"a prompt has {IMAGE_PLACEHOLDER} but the model has no visual_encoder")
+                segments.append(ImageSlot(self.n_image_tokens))
+        return segments
+
+    def target_segments(self, target: str) -> list:
+        """The target, supervised except [IMG1..6] (the reference supervises [IMG0], [IMG7] and
+        the closing ###; no EOS)."""
+        masked = set(self.voken_ids[1:-1])
+        return [Text([i], supervised=i not in masked)
+                for i in self.llm.tokenizer(target, add_special_tokens=False).input_ids]
+
+    def _pad_id(self) -> int:
+        tokenizer = self.llm.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def _image_embeds(self, images: torch.Tensor) -> torch.Tensor | None:
+        if images is None or images.shape[0] == 0:
+            return None
+        return self.visual_encoder(images)  # (n_in, 32, d)
+
+    def voken_features(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, 8, d): for each [IMG0..7] group (row-major), the hidden states that predict its 8
+        tokens: the position before [IMG0] and the positions of [IMG0..6]."""
+        rows, cols = (input_ids == self.voken_ids[0]).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return hidden.new_zeros(0, N_VOKENS, hidden.shape[-1])
+        offsets = torch.arange(N_VOKENS, device=hidden.device)
+        positions = cols[:, None] + offsets - 1  # (n, 8)
+        expected = torch.tensor(self.voken_ids, device=input_ids.device)
+        if (cols + N_VOKENS > input_ids.shape[1]).any() or (cols == 0).any() or \
+                not bool((input_ids[rows[:, None], cols[:, None] + offsets] == expected).all()):
+            raise ValueError("every [IMG0] must follow some text and be followed by [IMG1]..[IMG7]")
+        return hidden[rows[:, None], positions]  # (n, 8, d)
+
+    # -- the objective ---------------------------------------------------------------------------
+    def compute_losses(self, batch: dict, train: bool = True) -> dict[str, torch.Tensor]:
+        device = self.device
+        sequences = [self.source_segments(s) + self.target_segments(t)
+                     for s, t in zip(batch["sources"], batch["targets"])]
+        seq = collate(sequences, self._pad_id(), device)
+        embeds = seq.embed(self.llm.embed, self._image_embeds(batch["input_images"]))
+        out = self.llm(embeds, seq.attention_mask, seq.labels)
+        losses = {"text": out.loss}
+        loss = self.text_loss_weight * out.loss
+
+        features = self.voken_features(seq.input_ids, out.hidden)  # (n_out, 8, d)
+        images = batch["output_images"]
+        if features.shape[0] != images.shape[0]:
+            raise ValueError(f"{features.shape[0]} voken groups but {images.shape[0]} output images")
+        if features.shape[0] > 0:
+            n = features.shape[0]
+            drop = self.mapper.sample_drop(n, self._cfg_rng).to(device) if train else torch.zeros(n, dtype=torch.bool, device=device)
+            features = torch.where(drop[:, None, None], torch.zeros_like(features), features.float())
+            mapped = self.mapper(features)  # (n_out, 77, text_embed_dim)
+            losses["ldm"] = self.generator.ldm_loss(images, mapped, snr_gamma=self.snr_gamma)
+            loss = loss + self.ldm_loss_weight * losses["ldm"]
+            captions = [c for c, k in zip(batch["captions"], batch["n_output_images"]) for _ in range(k)]
+            if self.caption_loss_on and captions and all(c is not None for c in captions):
+                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+                target = self.generator.encode_captions(captions, use_attention_mask=True)
+                losses["caption"] = F.mse_loss(mapped, target.to(mapped.dtype))
+                loss = loss + self.caption_loss_weight * losses["caption"]
+        losses["loss"] = loss
+        return losses
+
+    def training_step(self, batch, batch_idx):
+        losses = self.compute_losses(batch, train=True)
+        self.log_losses(losses, "train", len(batch["sources"]))
+        return losses["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        self.log_losses(self.compute_losses(batch, train=False), "val", len(batch["sources"]))
+
+    def test_step(self, batch, batch_idx):
+        self.log_losses(self.compute_losses(batch, train=False), "test", len(batch["sources"]))
+
+    # -- inference -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, sources: list[str], input_images: torch.Tensor | None = None, max_new_tokens: int = 64,
+               do_sample: bool = True, top_p: float = 0.9, temperature: float = 1.0,
+               repetition_penalty: float = 2.0, generator: torch.Generator | None = None):
+        """Sample continuations of ``sources`` with the KV cache. When a row emits [IMG0] its
+        [IMG1..7] follow (they are never sampled); a row stops at ``###`` or EOS.
+        Returns (token ids per row, voken features (n, 8, d) row-major, group count per row)."""
+        device, tokenizer = self.device, self.llm.tokenizer
+        seq = collate([self.source_segments(s) for s in sources], self._pad_id(), device)
+        seq = _left_pad(seq)
+        embeds = seq.embed(self.llm.embed, self._image_embeds(input_images))
+        mask = seq.attention_mask
+        b = len(sources)
+        out, past = self.llm.forward_cached(embeds, mask)
+        last_hidden, logits = out.hidden[:, -1], out.logits[:, -1].float()
+        generated = [[] for _ in range(b)]
+        forced = [[] for _ in range(b)]
+        features = [[] for _ in range(b)]  # per row: list of (8, d) groups
+        pending = [[] for _ in range(b)]
+        done = [False] * b
+        stop_ids = {tokenizer.eos_token_id}
+        for _ in range(max_new_tokens):
+            logits[:, self.voken_ids[1:]] = float("-inf")  # [IMG1..7] only ever follow [IMG0]
+            for r in range(b):
+                if repetition_penalty != 1.0 and generated[r]:
+                    ids = torch.tensor(sorted(set(generated[r])), device=device)
+                    scores = logits[r, ids]
+                    logits[r, ids] = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+            sampled = _choose(logits, do_sample, top_p, temperature, generator)
+            next_ids = []
+            for r in range(b):
+                token = forced[r].pop(0) if forced[r] else int(sampled[r])
+                if done[r]:
+                    token = self._pad_id()
+                elif token in self.voken_ids:
+                    pending[r].append(last_hidden[r])
+                    if token == self.voken_ids[0]:
+                        forced[r] = list(self.voken_ids[1:])
+                    if len(pending[r]) == N_VOKENS:
+                        features[r].append(torch.stack(pending[r]))
+                        pending[r] = []
+                if not done[r]:
+                    generated[r].append(token)
+                    text = tokenizer.decode(generated[r][-4:], skip_special_tokens=False)
+                    if token in stop_ids or (not forced[r] and text.rstrip().endswith(END)):
+                        done[r] = True
+                next_ids.append(token)
+            if all(done) and not any(forced):
+                break
+            ids = torch.tensor(next_ids, device=device)[:, None]
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            out, past = self.llm.forward_cached(self.llm.embed(ids), mask, past)
+            last_hidden, logits = out.hidden[:, -1], out.logits[:, -1].float()
+        groups = [g for row in features for g in row]
+        d = self.llm.hidden_size
+        stacked = torch.stack(groups) if groups else torch.zeros(0, N_VOKENS, d, device=device)
+        return generated, stacked, [len(row) for row in features]
+
+    @torch.no_grad()
+    def generate(self, sources: list[str], input_images: torch.Tensor | None = None, max_new_tokens: int = 64,
+                 do_sample: bool = True, top_p: float = 0.9, temperature: float = 1.0,
+                 repetition_penalty: float = 2.0, guidance_scale: float = 7.5, num_inference_steps: int = 50,
+                 seed: int | None = None) -> list[dict]:
+        """Text and images for each prompt: ``[{"text": str, "images": (k, 3, h, w)}]``. The
+        negative prompt of classifier-free guidance is the mapper's output for zero features."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        ids, features, counts = self.decode(sources, input_images, max_new_tokens, do_sample, top_p,
+                                            temperature, repetition_penalty, generator)
+        texts = self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        images = None
+        if features.shape[0]:
+            n = features.shape[0]
+            prompt = self.mapper(features.float())
+            negative = self.mapper.negative_embedding(n, N_VOKENS)
+            images = self.generator.generate(prompt, negative, num_inference_steps=num_inference_steps,
+                                             guidance_scale=guidance_scale, generator=generator)
+        results, start = [], 0
+        for text, k in zip(texts, counts):
+            row_images = images[start:start + k] if images is not None else None
+            results.append({"text": text.strip(), "images": row_images})
+            start += k
+        return results
+
+    def predict_step(self, batch, batch_idx):
+        return self.generate(batch["sources"], batch["input_images"])
+
+
+def _left_pad(seq):
+    """The same batch with padding moved to the left (for decoding: new tokens go at the end)."""
+    lengths = seq.attention_mask.sum(1)
+    t = seq.attention_mask.shape[1]
+    index = (torch.arange(t, device=lengths.device)[None, :] - (t - lengths)[:, None]) % t  # (b, t)
+    return Interleaved(seq.input_ids.gather(1, index), seq.attention_mask.gather(1, index), seq.labels.gather(1, index))
+
+
+def _choose(logits: torch.Tensor, do_sample: bool, top_p: float, temperature: float,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """(b,) next tokens: greedy, or nucleus sampling at ``temperature``."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
+    sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+    choice = torch.multinomial(sorted_probs.cpu(), 1, generator=generator).to(logits.device)
+    return order.gather(1, choice).squeeze(1)
