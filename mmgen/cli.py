@@ -30,7 +30,7 @@ def tool(name):
     return register
 
 
-def build_cli(args: list[str], run: bool = True) -> LightningCLI:
+def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
     import mmgen.components  # noqa: F401  (registers components so short class names resolve)
     import mmgen.methods  # noqa: F401
 
@@ -47,10 +47,10 @@ def build_cli(args: list[str], run: bool = True) -> LightningCLI:
 
 
 def main(args: list[str] | None = None):
-    args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] in TOOLS:
-        return TOOLS[args[0]](args[1:])
-    return build_cli(args)
+    given = list(sys.argv[1:] if args is None else args)
+    if given and given[0] in TOOLS:
+        return TOOLS[given[0]](given[1:])
+    return build_cli(args)  # None: LightningCLI reads sys.argv itself
 
 
 @tool("components")
@@ -105,15 +105,16 @@ def cache_captions(args: list[str]):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=10_000, help="captions per .npy shard")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("overrides", nargs="*", help="further LightningCLI arguments for --config")
-    options = parser.parse_args(args)
+    options, overrides = parser.parse_known_args(args)  # the rest: LightningCLI arguments for --config
+    if overrides and not options.config:
+        parser.error(f"unrecognized arguments: {overrides}")
     import torch
 
     from mmgen.data.caption_cache import CachedCaptionDataModule, read_tsv_captions, write_caption_cache
 
     data, generator = None, None
     if options.config:
-        cli_args = [a for c in options.config for a in ("--config", c)] + options.overrides
+        cli_args = [a for c in options.config for a in ("--config", c)] + overrides
         cli = build_cli(cli_args + ["--trainer.logger=false"], run=False)
         generator, data = getattr(cli.model, "image_generator", None), cli.datamodule
     if options.generator:

@@ -36,8 +36,8 @@ def test_global_batch_keeps_the_gradient_of_the_local_shard_only():
 
 
 def test_recall_at_k():
-    text = torch.eye(4)
-    image = torch.eye(4)[[0, 1, 3, 2]]  # queries 2 and 3 retrieve each other's image
+    sims = torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.1, 0.8, 0.3, 0.0], [0.0, 0.2, 0.5, 0.7], [0.0, 0.0, 0.6, 0.4]])
+    text, image = torch.eye(4), sims.t()  # text @ image.T == sims: rows 2 and 3 rank the match 2nd
     recall = retrieval_recall(text, image, ks=(1, 2))
     assert recall["t2i_R@1"] == 0.5 and recall["t2i_R@2"] == 1.0 and recall["i2t_R@1"] == 0.5
 

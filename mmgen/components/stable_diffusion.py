@@ -110,6 +110,8 @@ class StableDiffusion(ImageGenerator):
         dtype: dtype of the frozen weights ("float32", "float16", "bfloat16").
         resolution: Side in pixels that ``ldm_loss`` resizes images to. Default: the VAE's
             ``sample_size`` (512 for SD v1.5 and 2.1-base).
+        seed: Seed of random builds: the same config always gives the same weights, so caption
+            embeddings cached from a random (toy) text encoder stay valid for it.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class StableDiffusion(ImageGenerator):
         tokenizer: str | None = None,
         dtype: str = "float32",
         resolution: int | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.name_or_path = resolve_name(name_or_path)
@@ -128,6 +131,7 @@ class StableDiffusion(ImageGenerator):
         self.tokenizer_name = resolve_name(tokenizer)
         self.dtype = getattr(torch, dtype)
         self.resolution = resolution
+        self.seed = seed
         self.tokenizer = None
         self.text_encoder = None
         self.unet = None
@@ -204,14 +208,16 @@ class StableDiffusion(ImageGenerator):
         from transformers import CLIPTextConfig, CLIPTextModel
 
         config = {k: v for k, v in self._configs[part].items() if not k.startswith("_")}
-        if part == "text_encoder":
-            if self._random:
+        if not self._random:
+            if part == "text_encoder":
+                return CLIPTextModel.from_pretrained(self.name_or_path, subfolder="text_encoder", dtype=self.dtype)
+            cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
+            return cls.from_pretrained(self.name_or_path, subfolder=part, torch_dtype=self.dtype)
+        with torch.random.fork_rng(devices=[]):  # seeded, and the caller's random state untouched
+            torch.manual_seed(self.seed + PARTS.index(part))
+            if part == "text_encoder":
                 return CLIPTextModel(CLIPTextConfig(**config))
-            return CLIPTextModel.from_pretrained(self.name_or_path, subfolder="text_encoder", dtype=self.dtype)
-        cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
-        if self._random:
-            return cls.from_config(config)
-        return cls.from_pretrained(self.name_or_path, subfolder=part, torch_dtype=self.dtype)
+            return (UNet2DConditionModel if part == "unet" else AutoencoderKL).from_config(config)
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -251,7 +257,7 @@ class StableDiffusion(ImageGenerator):
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
         if self.name_or_path is not None and not self._random:
             return self.name_or_path
-        return f"random:{self.name_or_path or 'config'}:{digest}"
+        return f"random:{self.name_or_path or 'config'}:{digest}:seed={self.seed}"
 
     def _device(self, module) -> torch.device:
         return next(module.parameters()).device

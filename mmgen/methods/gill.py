@@ -301,3 +301,42 @@ class GILL(MultimodalLM):
         """Images generated from the batch's captions (text only; interleaved output comes with
         the inference API)."""
         return {"images": self.generate_images(batch["captions"])}
+
+
+def two_forward_losses(model: GILL, images: torch.Tensor, captions: list[str], caption_embeddings=None):
+    """The reference's way, for parity tests and the benchmark: separate "retrieval" and
+    "generation" text-only forwards on identical inputs, the caption embeddings computed by the
+    generator unless given. Returns the same losses dict as ``GILL.compute_losses`` (unpacked),
+    with ``img_lm`` = (CE_ret + CE_gen) / 2."""
+    device = images.device
+    features = model.visual_encoder(images)  # (b, 1, f)
+    prefix = model.visual_prefix(features)  # (b, k, d)
+    ids = [model.caption_ids(c) for c in captions]
+    cap = collate(model.caption_sequences(ids, False), model._pad_id, device)
+    cap_out = model.llm(cap.embed(model.llm.embed, prefix), cap.attention_mask, cap.labels)
+
+    txt = collate(model.text_sequences(ids, False), model._pad_id, device)
+    ret_embeds = txt.embed(model.llm.embed)
+    ret_out = model.llm(ret_embeds, txt.attention_mask, txt.labels)  # "retrieval" forward
+    h_ret, _ = model.img_states(txt, ret_out.hidden, ret_embeds)
+    gen_embeds = txt.embed(model.llm.embed)
+    gen_out = model.llm(gen_embeds, txt.attention_mask, txt.labels)  # "generation" forward
+    h_gen, e_gen = model.img_states(txt, gen_out.hidden, gen_embeds)
+
+    text_emb = model.retrieval_head.embed_text(h_ret[:, 0].float())
+    image_emb = model.retrieval_head.embed_image(features.float())
+    contrastive = symmetric_infonce(
+        model.gather_global_batch(text_emb), model.gather_global_batch(image_emb), model.retrieval_head.logit_scale
+    )
+    mapped = model.gen_mapper(h_gen.float(), e_gen.float())
+    if caption_embeddings is None:
+        caption_embeddings = model.image_generator.encode_captions(captions)
+    gen = per_token_l2(mapped, caption_embeddings.to(device=device, dtype=mapped.dtype))
+    losses = {
+        "caption": cap_out.loss,
+        "img_lm": (ret_out.loss + gen_out.loss) / 2,
+        "contrastive": contrastive,
+        "gen": gen,
+    }
+    losses["loss"] = cap_out.loss + 0.5 * ret_out.loss + 0.5 * gen_out.loss + contrastive + gen
+    return losses
