@@ -152,5 +152,44 @@ def cache_captions(args: list[str]):
     return manifest
 
 
+@tool("export")
+def export(args: list[str]):
+    """Write a Lightning checkpoint of an mmgen run as a pretrained folder (config, trained
+    tensors as safetensors, adapter files, model card); see mmgen.pretrained."""
+    parser = argparse.ArgumentParser(prog="mmgen export", description=export.__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by mmgen fit")
+    parser.add_argument("--out", required=True, help="folder to write")
+    options = parser.parse_args(args)
+    from mmgen.pretrained import export_checkpoint
+
+    out = export_checkpoint(options.ckpt_path, options.out)
+    print(f"{options.ckpt_path} -> {out}")
+    return out
+
+
+@tool("convert")
+def convert_release(args: list[str]):
+    """Convert an official FROMAGe, GILL or MiniGPT-5 release into an mmgen pretrained folder;
+    every source tensor is placed or reported (docs/weights.md has the key mapping)."""
+    from mmgen.convert import CONVERTERS
+
+    parser = argparse.ArgumentParser(prog="mmgen convert", description=convert_release.__doc__)
+    parser.add_argument("release", choices=sorted(CONVERTERS), help="which method's release")
+    parser.add_argument("--release", dest="path", required=True, help="the release folder")
+    parser.add_argument("--out", required=True, help="pretrained folder to write")
+    parser.add_argument("--config", help="training or model config whose model section to build "
+                        "(default: derived from the release, backbones by hub id)")
+    parser.add_argument("--stage", help="MiniGPT-5: stage2_vist or stage2_mmdialog (default: stage 1 only)")
+    options = parser.parse_args(args)
+    from mmgen.convert import convert, model_section
+
+    config = model_section(options.config) if options.config else None
+    extra = {"stage": options.stage} if options.stage else {}
+    model, conversion = convert(options.release, options.path, options.out, config=config, **extra)
+    print(conversion.summary())
+    print(f"-> {options.out}")
+    return model, conversion
+
+
 if __name__ == "__main__":
     main()

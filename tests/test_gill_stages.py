@@ -29,7 +29,7 @@ def gill_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("gill_fit")
     main([
         "fit", "--config", "configs/gill_tiny.yaml",
-        "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
+        "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0",
         f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
         f"--data.init_args.root={root / 'toy'}", "--data.init_args.n_train=64", "--data.init_args.n_val=16",
     ])

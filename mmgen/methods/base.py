@@ -59,6 +59,22 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
                 f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
             )
 
+    def save_pretrained(self, directory) -> None:
+        """Write this model as a pretrained folder (config, trained tensors, card): mmgen.pretrained."""
+        from mmgen.pretrained import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "MultimodalLM":
+        """Build the model of a pretrained folder (offline, backbones from their sources)."""
+        from mmgen.pretrained import load_pretrained
+
+        model = load_pretrained(directory)
+        if not isinstance(model, cls):
+            raise ConfigError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
     def parameter_table(self) -> list[tuple[str, int, int]]:
         """[(top-level component, parameters, trainable parameters)], built model only."""
         rows = []

@@ -1,0 +1,316 @@
+"""Pretrained folders: any mmgen model as a config, its trained tensors and a model card.
+
+    model.save_pretrained("out/fromage")       # or mmgen.pretrained.save_pretrained(model, dir)
+    model = MultimodalLM.from_pretrained("out/fromage")   # offline, from the local folder
+
+A folder holds::
+
+    config.yaml          the model's config: {class_path, init_args}, as LightningCLI parsed it
+    model.safetensors    the trained tensors only, keyed as in mmgen's checkpoints' state_dict
+    adapter/<component>/ the LLM's peft adapter (LoRA, token rows) in peft's own format, for use
+                         outside mmgen; loading reads model.safetensors, not these
+    README.md            a short model card
+
+Frozen backbones are not copied: the config names them by hub id or local path, and loading
+builds them from there (offline where they are cached or local). Weights are checked on load:
+the exact key set, each shape and dtype, with errors naming the key; a damaged file is refused
+before anything is copied into the model. ``mmgen convert`` writes the same folders from the
+official FROMAGe, GILL and MiniGPT-5 releases, and ``mmgen export`` from a Lightning checkpoint;
+``mmgen.callbacks.InitFrom`` starts a ``mmgen fit`` from one. docs/weights.md has the details.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+from mmgen.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+ADAPTER_DIR = "adapter"
+
+
+# -- what a folder stores ----------------------------------------------------------------------
+def model_config(model) -> dict:
+    """The ``{class_path, init_args}`` config that builds ``model`` (a MultimodalLM).
+
+    Models built by LightningCLI (``mmgen fit``), :func:`build_model`, :func:`load_pretrained` or
+    ``load_from_checkpoint`` record it in their hyper-parameters. A model built in Python from
+    component objects has no config to record: build it from a config instead.
+    """
+    hparams = dict(model.hparams)
+    class_path = hparams.pop("_class_path", None)
+    hparams.pop("_instantiator", None)
+    objects = sorted(k for k, v in hparams.items() if isinstance(v, torch.nn.Module))
+    if objects:
+        raise ConfigError(
+            f"{type(model).__name__} was built in Python from component objects ({', '.join(objects)}), "
+            "so it has no config to save; build it from a config instead (mmgen fit, "
+            "mmgen.pretrained.build_model({'class_path': ..., 'init_args': ...}) or from a YAML file)"
+        )
+    if class_path is None:
+        class_path = f"{type(model).__module__}.{type(model).__qualname__}"
+    return {"class_path": class_path, "init_args": hparams}
+
+
+def weight_names(model) -> list[str]:
+    """Names of the tensors a pretrained folder stores: every trainable parameter, plus those of
+    the method's ``parameter_groups()`` that a training stage has frozen (MiniGPT-5's stage 2
+    freezes its stage-1 ``fc``, which is still part of the trained model)."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    if hasattr(model, "parameter_groups"):
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        for params in model.parameter_groups().values():
+            names.update(by_id[id(p)] for p in params if id(p) in by_id)
+    return sorted(names)
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().cpu().contiguous() for name in weight_names(model)}
+
+
+# -- saving -------------------------------------------------------------------------------------
+def save_pretrained(model, directory: str | Path, config: dict | None = None, card_notes: str = "") -> Path:
+    """Write ``model`` (configured) as a pretrained folder; returns the folder.
+
+    ``config``: the model's config when it cannot be read from the model (converters pass the
+    config they built it from). ``card_notes``: extra lines for the model card (provenance).
+    """
+    from safetensors.torch import save_file
+
+    config = config or model_config(model)
+    state = trained_state(model)
+    if not state:
+        raise ConfigError(f"{type(model).__name__} has no trained tensors: call configure_model() before saving")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / CONFIG_FILE, "w") as f:
+        yaml.safe_dump(_plain(config), f, sort_keys=False)
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "class_path": config["class_path"]})
+    adapters = _save_adapters(model, directory / ADAPTER_DIR)
+    random_parts = _random_backbones(config)
+    if random_parts:
+        warnings.warn(
+            f"{', '.join(random_parts)} have no name_or_path (random frozen weights): a reload builds "
+            "new random weights, so its outputs differ", stacklevel=2,
+        )
+    (directory / CARD_FILE).write_text(_model_card(config, state, adapters, random_parts, card_notes))
+    return directory
+
+
+def _plain(value):
+    """Config values as YAML-safe builtins (tuples -> lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"config value {value!r} ({type(value).__name__}) cannot be written to {CONFIG_FILE}")
+
+
+def _save_adapters(model, directory: Path) -> list[str]:
+    """Each component's peft model saved with peft (adapter config + weights): for use outside
+    mmgen (``PeftModel.from_pretrained(base, dir)``)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency of CausalLM; without it there is no adapter
+        return []
+    saved = []
+    for name, child in model.named_children():
+        inner = getattr(child, "model", None)
+        if isinstance(inner, PeftModel):
+            # the new token rows are saved; the frozen (resized) embedding matrix is not copied
+            inner.save_pretrained(str(directory / name), save_embedding_layers=False)
+            saved.append(name)
+    return saved
+
+
+def _components(config: dict, prefix: str = "") -> list[tuple[str, str, dict]]:
+    """(dotted name, class_path, init_args) of every component in a config."""
+    found = []
+    for key, value in (config.get("init_args") or {}).items():
+        if isinstance(value, dict) and "class_path" in value:
+            name = f"{prefix}{key}"
+            found.append((name, value["class_path"], value.get("init_args") or {}))
+            found.extend(_components(value, prefix=f"{name}."))
+    return found
+
+
+def _random_backbones(config: dict) -> list[str]:
+    return [
+        name for name, _, args in _components(config)
+        if ("name_or_path" in args or "config" in args)
+        and (args.get("name_or_path") is None or args.get("random_weights"))
+    ]
+
+
+def _model_card(config, state, adapters, random_parts, notes) -> str:
+    method = config["class_path"].rsplit(".", 1)[-1]
+    n_params = sum(t.numel() for t in state.values())
+    lines = [
+        f"# {method} (mmgen)", "",
+        f"A `{config['class_path']}` model saved by mmgen. Frozen backbones are not in this folder: "
+        "they load from the sources below.", "",
+        "| component | class | weights from |", "|---|---|---|",
+    ]
+    for name, class_path, args in _components(config):
+        source = args.get("name_or_path")
+        if "name_or_path" not in args:
+            source = "this folder (trained)" if any(k.startswith(f"{name}.") for k in state) else "built from config"
+        elif source is None or args.get("random_weights"):
+            source = "random (config only)"
+        lines.append(f"| {name} | `{class_path}` | {source} |")
+    lines += [
+        "", f"Trained tensors in `{WEIGHTS_FILE}`: {len(state)} ({n_params:,} parameters).",
+    ]
+    if adapters:
+        lines.append(f"peft adapters (for use outside mmgen): {', '.join(f'`{ADAPTER_DIR}/{a}`' for a in adapters)}.")
+    if random_parts:
+        lines.append(f"Warning: {', '.join(random_parts)} use random frozen weights; a reload rebuilds them at random.")
+    if notes:
+        lines += ["", notes.strip()]
+    lines += [
+        "", "## Loading", "", "```python",
+        "from mmgen.methods.base import MultimodalLM",
+        "model = MultimodalLM.from_pretrained('path/to/this/folder')",
+        "```", "",
+        "Continue training: `mmgen fit --model path/to/this/folder/config.yaml --data ... "
+        "--trainer.callbacks+=mmgen.callbacks.InitFrom --trainer.callbacks.path=path/to/this/folder`.", "",
+    ]
+    return "\n".join(lines)
+
+
+# -- loading ------------------------------------------------------------------------------------
+def build_model(config: dict):
+    """Instantiate (not configure) the MultimodalLM of a ``{class_path, init_args}`` config, so
+    that it records the config as its hyper-parameters exactly as LightningCLI does."""
+    import mmgen.components  # noqa: F401  (registers components so class paths resolve)
+    import mmgen.methods  # noqa: F401
+    from jsonargparse import ArgumentParser
+
+    from mmgen.methods.base import MultimodalLM
+
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ConfigError(f"a model config needs 'class_path' and 'init_args', got {type(config).__name__} "
+                          f"with keys {sorted(config) if isinstance(config, dict) else '-'}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(MultimodalLM, "model", fail_untyped=False, required=True)
+    try:
+        parsed = parser.parse_object({"model": config})
+    except Exception as error:  # jsonargparse's ArgumentError/ValueError: name the config's fault
+        raise ConfigError(f"invalid model config for {config.get('class_path')}: {error}") from error
+    dumped = yaml.safe_load(parser.dump(parsed, skip_none=False))["model"]
+    hparams = {"_class_path": dumped["class_path"], **(dumped.get("init_args") or {})}
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+    except ImportError:  # older Lightning: the model records its component objects instead
+        return parser.instantiate_classes(parsed).model
+    with _given_hyperparameters_context(hparams=hparams, instantiator="lightning.pytorch.cli.instantiate_module"):
+        return parser.instantiate_classes(parsed).model
+
+
+def read_config(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{directory}: not a pretrained folder (no {CONFIG_FILE})")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ConfigError(f"{path}: expected a model config with 'class_path' and 'init_args'")
+    return config
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The trained tensors of a pretrained folder, a ``.safetensors`` file or a Lightning
+    checkpoint (its ``state_dict``), on the CPU. A damaged or truncated file raises ConfigError
+    naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # SafetensorError, OSError: header or data cut short
+            raise ConfigError(f"{path}: not a readable safetensors file (truncated or damaged?): {error}") from error
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle/zip errors from a truncated or foreign file
+        raise ConfigError(f"{path}: not a readable checkpoint (truncated or damaged?): {error}") from error
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path}: holds no state_dict of tensors")
+    return state
+
+
+def load_weights_into(model, state: dict[str, torch.Tensor], source: str, allow_missing: bool = False) -> list[str]:
+    """Copy ``state`` into ``model``'s stored tensors (:func:`weight_names`), after checking
+    every key, shape and dtype first, so a mismatch leaves the model untouched. Returns the names
+    left missing (only where ``allow_missing``)."""
+    params = dict(model.named_parameters())
+    expected = set(weight_names(model))
+    unexpected = sorted(set(state) - expected)
+    missing = sorted(expected - set(state))
+    if unexpected or (missing and not allow_missing):
+        raise ConfigError(
+            f"{source} does not match {type(model).__name__}'s trained tensors: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    for name, tensor in state.items():
+        param = params[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ConfigError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+        if tensor.dtype != param.dtype:
+            raise ConfigError(f"{source}: {name} has dtype {tensor.dtype}, the model expects {param.dtype}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+    return missing
+
+
+def load_pretrained(directory: str | Path):
+    """Build, configure and fill the model of a pretrained folder; returned in eval mode."""
+    directory = Path(directory)
+    config = read_config(directory)
+    state = read_weights(directory / WEIGHTS_FILE)  # read (and checked readable) before building
+    model = build_model(config)
+    model.configure_model()
+    load_weights_into(model, state, str(directory / WEIGHTS_FILE))
+    return model.eval()
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
+    """A Lightning checkpoint of an mmgen run -> a pretrained folder. The model is rebuilt from
+    the config the checkpoint stores (backbones load from their sources) and filled with its
+    tensors; tensors a stage did not checkpoint must come from the config's ``init_from``."""
+    ckpt_path = Path(ckpt_path)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ConfigError(f"{ckpt_path}: not a readable checkpoint (truncated or damaged?): {error}") from error
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if "_class_path" not in hparams:
+        raise ConfigError(f"{ckpt_path}: stores no model config (train with mmgen fit / a config to export)")
+    class_path = hparams.pop("_class_path")
+    hparams.pop("_instantiator", None)
+    config = {"class_path": class_path, "init_args": hparams}
+    model = build_model(config)
+    model.configure_model()
+    missing = load_weights_into(model, checkpoint["state_dict"], str(ckpt_path), allow_missing=bool(hparams.get("init_from")))
+    notes = f"Exported from the Lightning checkpoint `{ckpt_path.name}` (global step {checkpoint.get('global_step')})."
+    if missing:
+        notes += f" {len(missing)} tensors not in the checkpoint come from `init_from`."
+    return save_pretrained(model, out, config=config, card_notes=notes)
