@@ -4,6 +4,8 @@
     mmgen params --config configs/fromage.yaml     # full-size dry run: parameter table, no download
     mmgen components                               # what is registered, by kind
     mmgen cache-captions --config configs/gill.yaml  # GILL's caption-embedding cache
+    mmgen export --ckpt_path last.ckpt --out out/x   # checkpoint -> pretrained folder (docs/weights.md)
+    mmgen convert fromage --release DIR --out out/x  # official release -> pretrained folder
 
 Tests call ``main([...])`` in-process.
 """

@@ -82,7 +82,8 @@ def test_stage_switch_within_one_run(tmp_path, monkeypatch):
     optimizer = cli.trainer.optimizers[0]
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert {id(p) for p in groups["adapter"]} <= in_optimizer and not {id(p) for p in groups["fc"]} & in_optimizer
-    assert any("lora_B" in k and p.abs().sum() > 0 for k, p in model.named_parameters())  # trained after the switch
+    # the schedule restarted at the switch (as a separate stage-2 run would): one step since
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 1
 
 
 def test_full_size_dry_run_counts(capsys):

@@ -26,8 +26,7 @@ from mmgen.errors import ConfigError
 CONVERTERS: dict[str, str] = {
     "fromage": "mmgen.convert.fromage",
     "gill": "mmgen.convert.gill",
-    "minigpt5": "mmgen.convert.minigpt5",
-}
+}  # MiniGPT-5 (mmgen.convert.minigpt5) is not written yet: docs/weights.md
 
 
 def load_release_file(path: str | Path) -> dict:
@@ -184,4 +183,6 @@ def convert(release: str, path: str | Path, out: str | Path | None = None, confi
     if out is not None:
         notes = f"Converted by `mmgen convert {release}` from the official release in `{path}`.\n\n" + "```\n" + conversion.summary() + "\n```"
         save_pretrained(model, out, config=config, card_notes=notes)
+        if release == "gill":
+            module.save_decision(conversion, out)
     return model, conversion
