@@ -3,6 +3,7 @@ folders (``mmgen.pretrained``); the key mapping tables are in docs/weights.md.
 
     mmgen convert fromage --release path/to/fromage_model --out out/fromage
     mmgen convert gill --release path/to/gill_model --out out/gill [--config configs/gill.yaml]
+    mmgen convert minigpt5 --release path/to/minigpt5 --out out/minigpt5 [--stage stage2_vist] [--config ...]
 
 Each converter reads the release with ``torch.load(weights_only=True, map_location="cpu")`` (a
 pickle from the internet can run code; GILL's decision head was saved on a GPU), builds the mmgen
@@ -26,7 +27,8 @@ from mmgen.errors import ConfigError
 CONVERTERS: dict[str, str] = {
     "fromage": "mmgen.convert.fromage",
     "gill": "mmgen.convert.gill",
-}  # MiniGPT-5 (mmgen.convert.minigpt5) is not written yet: docs/weights.md
+    "minigpt5": "mmgen.convert.minigpt5",
+}
 
 
 def load_release_file(path: str | Path) -> dict:
@@ -37,6 +39,14 @@ def load_release_file(path: str | Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, bad pickle, a pickled object not allowed
+        if "weights only load failed" in str(error).lower():
+            raise ConfigError(
+                f"{path}: cannot be read with torch.load(weights_only=True): besides tensors it pickles Python "
+                "objects (a full training checkpoint, e.g. with its learning-rate scheduler, rather than the "
+                "pruned release file?). mmgen does not unpickle objects from downloaded files, since that can run "
+                "code; if you trust the file, keep only its tensors: torch.save({'state_dict': torch.load(path, "
+                f"weights_only=False)['state_dict']}}, new_path). Refused: {error}"
+            ) from error
         raise ConfigError(f"{path}: cannot be read (truncated or damaged file?): {type(error).__name__}: {error}") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a dict with a 'state_dict', found {type(data).__name__}")
@@ -173,12 +183,17 @@ def convert(release: str, path: str | Path, out: str | Path | None = None, confi
     """Convert a release folder into an mmgen model; with ``out``, also write it as a pretrained
     folder. Returns (model, Conversion)."""
     import importlib
+    import inspect
 
     from mmgen.pretrained import save_pretrained
 
     if release not in CONVERTERS:
         raise ConfigError(f"no converter for {release!r}; releases are {sorted(CONVERTERS)}")
     module = importlib.import_module(CONVERTERS[release])
+    accepted = set(inspect.signature(module.convert).parameters)
+    extra = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+    if extra:
+        raise ConfigError(f"{release}: the converter takes no {', '.join(extra)} option")
     model, config, conversion = module.convert(path, config=config, **options)
     if out is not None:
         notes = f"Converted by `mmgen convert {release}` from the official release in `{path}`.\n\n" + "```\n" + conversion.summary() + "\n```"

@@ -1,0 +1,254 @@
+"""The official MiniGPT-5 release -> mmgen's MiniGPT5 (REFERENCE.md sec. 4 and 8; table in
+docs/weights.md).
+
+Release folder: ``stage1_cc3m.ckpt`` and, for stage 2, ``stage2_vist.ckpt`` or
+``stage2_mmdialog.ckpt``: fp32 Lightning checkpoints ``{'state_dict': ...}`` pruned to the
+parameters that trained in that stage. Stage 2 needs stage 1: its ``fc`` and query sequence were
+frozen in stage 2 and are only in the stage-1 file; a tensor in both files comes from stage 2.
+Optionally MiniGPT-4's ``prerained_minigpt4_7b.pth`` (sic; or ``pretrained_minigpt4_7b.pth``):
+``QFormerEncoder`` reads its ``llama_proj`` itself (``visual_encoder.projection``), so it is
+checked here and named in the config, not copied.
+
+Keys (a leading ``model.`` before any of them is tolerated; the LLM may be wrapped by peft,
+``llama_model.base_model.model.<hf name>``, with or without peft's adapter name ``.default``):
+
+    fc.<name>                                     -> mapper.fc.<name>      (Linear, GELU, Linear)
+    llm_to_t2i_mapping.<name>                     -> mapper.transformer.<name>   (nn.Transformer)
+    t2i_decoder_prompt              (1, 77, d)    -> mapper.queries.weight
+    model.llama_model.model.embed_tokens.weight (V, h)      the last 9 rows ([IMG0..7], <ImageHere>,
+      (stage 2: ...embed_tokens.modules_to_save.default.weight)  ids V-9..V-1) -> the LLM's new
+                                                    input token rows; the other rows: base LLM, frozen
+    model.llama_model.lm_head.weight (V, h)       -> the same rows of the (untied) LM head
+      (stage 2: ...lm_head.modules_to_save.default.weight)
+    model.llama_model.base_model.model.model.layers.N.self_attn.{q,v}_proj.lora_{A,B}[.default].weight
+                                                  -> llm.model.base_model.model.model.layers.N.
+                                                     self_attn.{q,v}_proj.lora_{A,B}.default.weight
+
+h: LLM width (4096), d: generator text width (1024), V: the LLM's vocabulary with the 9 new
+tokens (32009 for Vicuna). Stage 1 alone leaves the LoRA at its initialisation (B = 0: the
+identity), as stage 2 starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import torch
+
+from mmgen.convert import Conversion, load_release_file, release_state, token_row_params
+from mmgen.errors import ConfigError
+
+STAGE1_FILE = "stage1_cc3m.ckpt"
+STAGE2_FILES = {"stage2_vist": "stage2_vist.ckpt", "stage2_mmdialog": "stage2_mmdialog.ckpt"}
+#: MiniGPT-4's projection file, as MiniGPT-4 names it (sic) and as mmgen's configs spell it.
+PROJECTION_FILES = ("prerained_minigpt4_7b.pth", "pretrained_minigpt4_7b.pth")
+
+#: top-level names of the reference's Lightning module (``MiniGPT5_Model``) and its ``model``
+TOP = ("llama_model.", "fc.", "llm_to_t2i_mapping.", "t2i_decoder_prompt")
+MAPPER = {"fc.": "mapper.fc.", "llm_to_t2i_mapping.": "mapper.transformer."}
+QUERIES = ("t2i_decoder_prompt", "mapper.queries.weight")
+#: frozen parts an unpruned checkpoint may hold: MiniGPT-4's visual path and Stable Diffusion
+FROZEN = {
+    ("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens", "llama_proj."):
+        "frozen MiniGPT-4 visual path: QFormerEncoder loads it (BLIP-2, MiniGPT-4's llama_proj)",
+    ("unet.", "vae.", "sd_text_encoder.", "image_pipeline.", "model.unet.", "model.vae."):
+        "frozen Stable Diffusion weight: loaded from the generator's name_or_path",
+}
+EMBED = re.compile(r"^model\.embed_tokens\.(?:modules_to_save\.(?:[\w-]+\.)?)?weight$")
+HEAD = re.compile(r"^lm_head\.(?:modules_to_save\.(?:[\w-]+\.)?)?weight$")
+LORA = re.compile(r"^(model\.layers\.\d+\..+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+def default_config(projection: str | None = None) -> dict:
+    """The full-size mmgen MiniGPT-5 model (configs/minigpt5_stage2.yaml's, without init_from).
+    The LLM must be the merged Vicuna-7B v0 that MiniGPT-4 uses: give ``--config`` with its
+    folder, since no hub id holds the merged weights."""
+    return {
+        "class_path": "mmgen.methods.minigpt5.MiniGPT5",
+        "init_args": {
+            "llm": {"class_path": "mmgen.components.causal_lm.CausalLM",
+                    "init_args": {"name_or_path": "lmsys/vicuna-7b-delta-v0", "dtype": "bfloat16",
+                                  "adapter": {"class_path": "mmgen.components.lora.LoRA",
+                                              "init_args": {"r": 8, "alpha": 16, "dropout": 0.05,
+                                                            "target_modules": ["q_proj", "v_proj"]}}}},
+            "visual_encoder": {"class_path": "mmgen.components.qformer.QFormerEncoder",
+                               "init_args": {"name_or_path": "Salesforce/blip2-flan-t5-xxl",
+                                             "projection": projection, "dtype": "bfloat16"}},
+            "generator": {"class_path": "mmgen.components.stable_diffusion.StableDiffusion",
+                          "init_args": {"name_or_path": "stabilityai/stable-diffusion-2-1-base", "dtype": "bfloat16"}},
+            "mapper": {"class_path": "mmgen.components.voken_mapper.VokenMapper",
+                       "init_args": {"n_queries": 77, "num_heads": 8, "num_encoder_layers": 4,
+                                     "num_decoder_layers": 4, "ff_mult": 4, "cfg_drop_prob": 0.1}},
+        },
+    }
+
+
+def stage_file(stage: str | None) -> str | None:
+    """``--stage`` -> the stage-2 file name (None: stage 1 only)."""
+    if stage is None or stage.removesuffix(".ckpt") in ("stage1", "stage1_cc3m", "uas"):
+        return None
+    name = stage.removesuffix(".ckpt")
+    name = {"vist": "stage2_vist", "mmdialog": "stage2_mmdialog"}.get(name, name)
+    if name not in STAGE2_FILES:
+        raise ConfigError(f"MiniGPT-5 --stage {stage!r}: stages are stage1, {', '.join(sorted(STAGE2_FILES))}")
+    return STAGE2_FILES[name]
+
+
+def source_name(key: str) -> str | None:
+    """A release key without the Lightning module's ``model.`` (None: not a MiniGPT-5 name)."""
+    if key.startswith(TOP):
+        return key
+    if key.startswith("model.") and key[len("model."):].startswith(TOP):
+        return key[len("model."):]
+    return None
+
+
+def classify(key: str, model, rows: dict[str, str]) -> tuple[str, str | None, str | None]:
+    """("place", target, None), ("rows", "input"/"output", None), ("report", None, reason) or
+    ("unknown", None, why) for one release key."""
+    name = source_name(key)
+    if name is None:
+        for prefixes, reason in FROZEN.items():
+            if key.startswith(prefixes) or key.removeprefix("model.").startswith(prefixes):
+                return "report", None, reason
+        return "unknown", None, "not a MiniGPT-5 name"
+    for source, target in MAPPER.items():
+        if name.startswith(source):
+            return "place", target + name[len(source):], None
+    if name == QUERIES[0]:
+        return "place", QUERIES[1], None
+    hf = name[len("llama_model."):]
+    hf = hf.removeprefix("base_model.model.")  # peft's wrapper (stage 2)
+    if EMBED.match(hf):
+        return "rows", "input", None
+    if HEAD.match(hf):
+        if "output" not in rows:
+            return "unknown", None, "the config's LLM ties its LM head to the input embedding"
+        return "rows", "output", None
+    match = LORA.match(hf)
+    if match:
+        path, half = match.groups()
+        return "place", f"llm.model.base_model.model.{path}.lora_{half}.{adapter_name(model)}.weight", None
+    if ".original_module." in hf:
+        return "report", None, "peft's frozen copy of the base matrix beside modules_to_save"
+    if "lora" in hf or "modules_to_save" in hf or "prefix" in hf or "prompt" in hf:
+        return "unknown", None, "an adapter tensor mmgen has no place for"
+    return "report", None, "frozen LLM weight: the model loads it from the LLM's name_or_path"
+
+
+def adapter_name(model) -> str:
+    names = {n.split(".lora_A.", 1)[1].split(".", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    return names.pop() if len(names) == 1 else "default"
+
+
+def find_projection(release: Path) -> Path | None:
+    return next((release / n for n in PROJECTION_FILES if (release / n).is_file()), None)
+
+
+def check_projection(path: str | Path) -> list[str]:
+    """MiniGPT-4's projection file, read as QFormerEncoder reads it (clear errors before the model
+    is built); returns its keys."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: the visual encoder's projection file (MiniGPT-4's llama_proj) does not exist")
+    data = load_release_file(path)
+    state = data["model"] if isinstance(data.get("model"), dict) else data
+    for key in ("llama_proj.weight", "llama_proj.bias"):
+        if not isinstance(state.get(key), torch.Tensor):
+            raise ConfigError(f"{path}: no {key} tensor (keys: {sorted(state)[:8]})")
+    return [f"model.{k}" if state is not data else k for k in state]
+
+
+def prepare_config(config: dict, release: Path) -> tuple[dict, Path | None]:
+    """The config to build: ``init_from`` dropped (the release is the initialisation) and
+    ``visual_encoder.projection`` set to the release's MiniGPT-4 file where it names none."""
+    config = copy.deepcopy(config)
+    args = config.setdefault("init_args", {})
+    args["init_from"] = None
+    projection = find_projection(release)
+    encoder = args.get("visual_encoder")
+    if isinstance(encoder, dict):
+        encoder_args = encoder.setdefault("init_args", {})
+        if encoder_args.get("projection") is None and projection is not None:
+            encoder_args["projection"] = str(projection.resolve())
+        named = encoder_args.get("projection")
+        return config, Path(named) if named else None
+    return config, None
+
+
+def convert(release: str | Path, config: dict | None = None, stage: str | None = None):
+    """Returns (configured MiniGPT5 holding the release's tensors, its config, Conversion).
+    ``stage``: None (stage 1 only), ``stage2_vist`` or ``stage2_mmdialog``."""
+    from mmgen.pretrained import build_model
+
+    release = Path(release)
+    second = stage_file(stage)
+    files = [STAGE1_FILE] + ([second] if second else [])
+    states = {name: release_state(release / name) for name in files}  # read first: bad files fail fast
+    config, projection = prepare_config(config or default_config(), release)
+    projection_keys = check_projection(projection) if projection is not None else []
+    model = build_model(config)
+    model.configure_model()
+
+    conversion = Conversion(model, f"{release}")
+    rows = token_row_params(model)
+    new_rows = _new_row_order(model)
+    plan: dict[str, tuple[str, str, torch.Tensor]] = {}  # target -> (label, how, tensor)
+    unknown = []
+    for name in files:  # stage 2 after stage 1: its tensors take precedence
+        for key, tensor in states[name].items():
+            label = f"{name}:{key}"
+            kind, target, why = classify(key, model, rows)
+            if kind == "unknown":
+                unknown.append(f"{label} ({why})")
+            elif kind == "report":
+                conversion.report(label, why)
+            else:
+                if kind == "rows":
+                    tensor = _voken_rows(conversion, label, tensor, model, target)
+                    target = rows[target]
+                if target in plan:
+                    conversion.report(plan[target][0], f"superseded by {label}")
+                plan[target] = (label, kind, tensor)
+    if unknown:
+        raise ConfigError(f"{release}: keys with no place in the mmgen model (nothing was loaded): {unknown[:10]}")
+    for target, (label, kind, tensor) in plan.items():
+        if kind == "rows":
+            conversion.place_rows(label, tensor, target, new_rows)
+        else:
+            conversion.place(label, tensor, target)
+    for key in projection_keys:
+        conversion.report(f"{Path(projection).name}:{key}", "frozen: QFormerEncoder loads it from this file "
+                          "(visual_encoder.projection in the config)")
+    adapter = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in model.parameter_groups()["adapter"]}}
+    conversion.apply({name: [f"{name}:{k}" for k in states[name]] for name in files},
+                     allow_fresh=tuple(sorted(adapter)) if second is None else ())
+    return model, config, conversion
+
+
+def _new_row_order(model) -> list[int]:
+    """Row of each new token ([IMG0..7], <ImageHere>: the reference's order) in the LLM's
+    trainable token rows."""
+    from mmgen.data.minigpt5_samples import IMAGE_PLACEHOLDER, VOKENS
+
+    ids = model.llm.new_token_ids
+    try:
+        return [ids.index(model.llm.token_id(t)) for t in VOKENS + [IMAGE_PLACEHOLDER]]
+    except ValueError:
+        raise ConfigError(f"the LLM's new tokens {ids} are not [IMG0..7] and {IMAGE_PLACEHOLDER}") from None
+
+
+def _voken_rows(conversion: Conversion, label: str, matrix: torch.Tensor, model, which: str) -> torch.Tensor:
+    """The reference's new rows (the last 9 of its resized (V, h) matrix), in token order."""
+    from mmgen.data.minigpt5_samples import IMAGE_PLACEHOLDER, VOKENS
+
+    n = len(VOKENS) + 1
+    llm = model.llm.model
+    full = (llm.get_input_embeddings() if which == "input" else llm.get_output_embeddings()).weight.shape
+    if matrix.dim() != 2 or tuple(matrix.shape) != tuple(full):
+        raise ConfigError(f"{conversion.name}: {label} has shape {tuple(matrix.shape)}, the config's LLM has "
+                          f"{tuple(full)} ({full[0] - n} base tokens + {', '.join(VOKENS[:1])}..{VOKENS[-1]}, "
+                          f"{IMAGE_PLACEHOLDER}): a different LLM or tokenizer")
+    conversion.report(label, f"rows 0..{full[0] - n - 1}: the base LLM's frozen rows")
+    return matrix[-n:]
