@@ -8,14 +8,6 @@ import torch
 from conftest import TINY_LLAMA, TOY_TOKENIZER
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine
-    two spinning threads per process slow each step down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 TINY_BLIP2 = dict(
     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

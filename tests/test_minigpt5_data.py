@@ -12,14 +12,6 @@ from mmgen.data.minigpt5_samples import VOKEN_STRING, caption_sample
 from mmgen.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine
-    two spinning threads per process slow each step down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 V = VOKEN_STRING  # "[IMG0][IMG1]...[IMG7]"
 IMG = "<Img><ImageHere></Img>"

@@ -14,14 +14,6 @@ from mmgen.cli import main
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine
-    two spinning threads per process slow each step down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _metrics(root: Path) -> list[dict]:

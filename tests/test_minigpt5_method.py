@@ -13,14 +13,6 @@ from mmgen.methods.stages import get_stage
 STAGE1 = "configs/minigpt5_stage1_tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine
-    two spinning threads per process slow each step down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(**overrides):

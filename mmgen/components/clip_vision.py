@@ -12,6 +12,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def normalized_pixels(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor, dtype) -> torch.Tensor:
+    """RGB in [0, 1], (b, 3, h, w) -> the (b, 3, size, size) pixel values CLIP-style encoders
+    take: bicubic resize if needed, then per-channel normalisation."""
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+    return ((images - mean) / std).to(dtype)
+
+
 class CLIPVisionEncoder(VisualEncoder):
     """Frozen CLIP vision model; features are its ``pooler_output`` (the post-LayerNorm CLS vector,
     1024-d for ViT-L/14), not the projected ``image_embeds``, as FROMAGe and GILL use.
@@ -69,10 +77,6 @@ class CLIPVisionEncoder(VisualEncoder):
 
     @torch.no_grad()  # frozen: no activations kept for a backward pass
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # images: (b, 3, h, w) RGB in [0, 1]
-        size = self.image_size
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
-        pixels = ((images - self.mean) / self.std).to(self.dtype)
+        pixels = normalized_pixels(images, self.image_size, self.mean, self.std, self.dtype)
         pooled = self.model(pixel_values=pixels).pooler_output  # (b, feature_dim)
         return pooled.unsqueeze(1)  # (b, 1, feature_dim)

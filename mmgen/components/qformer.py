@@ -17,11 +17,10 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmgen.components.base import VisualEncoder
-from mmgen.components.clip_vision import CLIP_MEAN, CLIP_STD
+from mmgen.components.clip_vision import CLIP_MEAN, CLIP_STD, normalized_pixels
 from mmgen.components.hub import KNOWN_CONFIGS, random_weights_requested, register_known_config, resolve_name
 from mmgen.errors import ConfigError
 
@@ -201,11 +200,7 @@ class QFormerEncoder(VisualEncoder):
 
     @torch.no_grad()  # frozen: no activations kept for a backward pass
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # images: (b, 3, h, w) RGB in [0, 1]
-        size = self.image_size
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
-        pixels = ((images - self.mean) / self.std).to(self.dtype)
+        pixels = normalized_pixels(images, self.image_size, self.mean, self.std, self.dtype)  # (b, 3, s, s)
         patches = self.vision_model(pixel_values=pixels).last_hidden_state  # (b, 1 + n_patches, 1408)
         queries = self.query_tokens.expand(images.shape[0], -1, -1)  # (b, 32, 768)
         mask = torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device)
