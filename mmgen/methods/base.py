@@ -34,6 +34,14 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         # that exactly the trainable parameters are present instead.
         self.strict_loading = False
 
+    #: Scale the new token rows to the frozen rows' mean norm after each optimizer step
+    #: (FROMAGe and GILL do; subclasses set it from their init arguments).
+    rescale_new_rows: bool = False
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.rescale_new_rows:
+            self.llm.rescale_new_rows()
+
     def configure_optimizers(self):
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
         return build_optimizer(self, self.optim, int(total) if total != float("inf") else 0)

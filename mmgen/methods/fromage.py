@@ -21,13 +21,14 @@ from mmgen.components.retrieval_head import RetrievalHead
 from mmgen.components.visual_prefix import LinearVisualPrefix
 from mmgen.data.interleave import ImageSlot, Text, collate, pack_pairs
 from mmgen.methods.base import MultimodalLM
-from mmgen.methods.losses import retrieval_recall, symmetric_infonce
+from mmgen.methods.retrieval_metrics import RetrievalMetrics
+from mmgen.methods.losses import symmetric_infonce
 from mmgen.methods.optim import Optim
 
 RET_TOKEN = "[RET]"
 
 
-class FROMAGe(MultimodalLM):
+class FROMAGe(RetrievalMetrics, MultimodalLM):
     """FROMAGe as a LightningModule; batches are ``{"images": (b, 3, h, w), "captions": [str]}``.
 
     Args:
@@ -67,7 +68,6 @@ class FROMAGe(MultimodalLM):
         self.pack_probability = pack_probability
         self.rescale_new_rows = rescale_new_rows
         self._pack_rng = random.Random(seed)
-        self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def configure_model(self) -> None:
         self.llm.configure(new_tokens=[RET_TOKEN], new_token_init="random")
@@ -123,10 +123,6 @@ class FROMAGe(MultimodalLM):
         self.log_losses(losses, "train", len(batch["captions"]))
         return losses["loss"]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.rescale_new_rows:
-            self.llm.rescale_new_rows()
-
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
 
@@ -136,26 +132,7 @@ class FROMAGe(MultimodalLM):
     def _eval_step(self, batch, stage):
         losses, text_emb, image_emb = self.compute_losses(batch["images"], batch["captions"])
         self.log_losses(losses, stage, len(batch["captions"]))
-        self._val_embeddings.append((text_emb.detach(), image_emb.detach()))
-
-    def on_validation_epoch_end(self):
-        self._log_recall("val")
-
-    def on_test_epoch_end(self):
-        self._log_recall("test")
-
-    def _log_recall(self, stage):
-        """Recall@1/5/10 over the whole evaluation set (gathered across ranks)."""
-        if not self._val_embeddings:
-            return
-        text = torch.cat([t for t, _ in self._val_embeddings])
-        image = torch.cat([i for _, i in self._val_embeddings])
-        self._val_embeddings.clear()
-        text = self.gather_global_batch(text, keep_grad=False)
-        image = self.gather_global_batch(image, keep_grad=False)
-        for name, value in retrieval_recall(text, image).items():
-            self.log(f"{stage}/{name}", value, rank_zero_only=True)
-        self.log(f"{stage}/chance_R@1", 1.0 / text.shape[0], rank_zero_only=True)
+        self.collect_retrieval_embeddings(text_emb, image_emb)
 
     def predict_step(self, batch, batch_idx):
         """Greedy captions for the batch's images (text only; interleaved output comes with the

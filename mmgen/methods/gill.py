@@ -31,8 +31,9 @@ from mmgen.components.visual_prefix import LinearVisualPrefix
 from mmgen.data.interleave import ImageSlot, Interleaved, Text, collate, pack_pairs
 from mmgen.errors import ConfigError, DataError
 from mmgen.methods.base import MultimodalLM
-from mmgen.methods.losses import retrieval_recall, symmetric_infonce
+from mmgen.methods.losses import symmetric_infonce
 from mmgen.methods.optim import Optim
+from mmgen.methods.retrieval_metrics import RetrievalMetrics
 
 
 def img_tokens(n: int) -> list[str]:
@@ -45,7 +46,7 @@ def per_token_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).sum(dim=-1).sqrt().mean()
 
 
-class GILL(MultimodalLM):
+class GILL(RetrievalMetrics, MultimodalLM):
     """GILL as a LightningModule; batches are ``{"images": (b, 3, h, w), "captions": [str]}``,
     plus ``"caption_embeddings": (b, 77, d)`` when they come from a caption-embedding cache
     (``mmgen cache-captions``; ``mmgen.data.caption_cache``).
@@ -67,6 +68,8 @@ class GILL(MultimodalLM):
         precomputed_captions: Batches carry ``caption_embeddings`` from a cache; the generator's
             text encoder is then never loaded (only its config is read). False: it is loaded and
             used for batches without them.
+        rescale_new_rows: After each optimizer step, scale the [IMG] rows to the mean norm of
+            the frozen rows, as the reference does.
         optim: AdamW and schedule (reference: lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay
             0.01, 2000 warmup steps, x0.1 at 10K steps; gradient clipping 1.0 is the trainer's
             ``gradient_clip_val``).
@@ -85,6 +88,7 @@ class GILL(MultimodalLM):
         max_text_length: int = 32,
         pack_probability: float = 0.5,
         precomputed_captions: bool = False,
+        rescale_new_rows: bool = True,
         optim: Optim | None = None,
         seed: int = 0,
     ):
@@ -104,8 +108,8 @@ class GILL(MultimodalLM):
         self.max_text_length = max_text_length
         self.pack_probability = pack_probability
         self.precomputed_captions = precomputed_captions
+        self.rescale_new_rows = rescale_new_rows
         self._pack_rng = random.Random(seed)
-        self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def configure_model(self) -> None:
         self.llm.configure(new_tokens=img_tokens(self.n_img_tokens), new_token_init="random")
@@ -256,26 +260,7 @@ class GILL(MultimodalLM):
             cache_name=batch.get("caption_cache"),
         )
         self.log_losses(losses, stage, len(batch["captions"]))
-        self._val_embeddings.append((text_emb.detach(), image_emb.detach()))
-
-    def on_validation_epoch_end(self):
-        self._log_recall("val")
-
-    def on_test_epoch_end(self):
-        self._log_recall("test")
-
-    def _log_recall(self, stage):
-        """Recall@1/5/10 over the whole evaluation set (gathered across ranks)."""
-        if not self._val_embeddings:
-            return
-        text = torch.cat([t for t, _ in self._val_embeddings])
-        image = torch.cat([i for _, i in self._val_embeddings])
-        self._val_embeddings.clear()
-        text = self.gather_global_batch(text, keep_grad=False)
-        image = self.gather_global_batch(image, keep_grad=False)
-        for name, value in retrieval_recall(text, image).items():
-            self.log(f"{stage}/{name}", value, rank_zero_only=True)
-        self.log(f"{stage}/chance_R@1", 1.0 / text.shape[0], rank_zero_only=True)
+        self.collect_retrieval_embeddings(text_emb, image_emb)
 
     # -- using the [IMG] tokens ------------------------------------------------------------------
     @torch.no_grad()
