@@ -26,9 +26,12 @@ test: setup
 
 bench: setup  ## training-step benchmarks (by hand; not part of the tests)
 	$(PY) benchmarks/bench_fromage_step.py
+	$(PY) benchmarks/bench_gill_step.py
+	$(PY) benchmarks/bench_minigpt5_step.py
 
 params: setup  ## full-size dry runs of the shipped configs
-	for c in configs/fromage.yaml; do $(VENV)/bin/mmgen params --config $$c; done
+	for c in configs/fromage.yaml configs/gill.yaml configs/minigpt5_stage1.yaml configs/minigpt5_stage2.yaml; do \
+		$(VENV)/bin/mmgen params --config $$c || exit 1; done
 
 clean:
 	rm -rf runs .cache lightning_logs

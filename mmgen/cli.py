@@ -55,6 +55,12 @@ def main(args: list[str] | None = None):
     return build_cli(args)  # None: LightningCLI reads sys.argv itself
 
 
+def console_main() -> None:
+    """The ``mmgen`` console script: like ``main``, but returns nothing, so that the process exit
+    status is 0 on success (a returned object would become exit status 1)."""
+    main()
+
+
 @tool("components")
 def list_components(args: list[str]) -> dict:
     """Print the registered components by kind."""
@@ -194,4 +200,4 @@ def convert_release(args: list[str]):
 
 
 if __name__ == "__main__":
-    main()
+    console_main()
