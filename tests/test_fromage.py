@@ -100,6 +100,9 @@ def test_fit_checkpoints_trainable_weights_only_then_resumes_and_reloads(tmp_pat
         "retrieval_head.logit_scale",
     }
     assert checkpoint["global_step"] == 4
+    metrics = cli.trainer.callback_metrics
+    assert {"val/t2i_R@1", "val/i2t_R@10", "val/contrastive"} <= set(metrics)
+    assert float(metrics["val/chance_R@1"]) == 1 / 32  # recall over the whole validation set
 
     resumed = main(_fit_args(tmp_path / "resumed", "--trainer.max_epochs=2", f"--ckpt_path={checkpoint_path}"))
     assert resumed.trainer.global_step == 8  # continued from step 4, not from 0

@@ -50,22 +50,25 @@ def read_model_args(release: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON (truncated or damaged file?): {error}") from error
 
 
-def default_config(args: dict) -> dict:
-    """The mmgen config matching a release's ``model_args.json`` (backbones by hub id, bf16)."""
+def shared_components(args: dict, n_visual_tokens: int) -> dict:
+    """The components FROMAGe and GILL releases share, from ``model_args.json`` (backbones by
+    hub id, bf16): LLM, visual encoder, visual prefix, retrieval head."""
     return {
-        "class_path": "mmgen.methods.fromage.FROMAGe",
-        "init_args": {
-            "llm": {"class_path": "mmgen.components.causal_lm.CausalLM",
-                    "init_args": {"name_or_path": args.get("opt_version", "facebook/opt-6.7b"), "dtype": "bfloat16"}},
-            "visual_encoder": {"class_path": "mmgen.components.clip_vision.CLIPVisionEncoder",
-                               "init_args": {"name_or_path": args.get("visual_encoder", "openai/clip-vit-large-patch14"),
-                                             "dtype": "bfloat16"}},
-            "visual_prefix": {"class_path": "mmgen.components.visual_prefix.LinearVisualPrefix",
-                              "init_args": {"n_tokens": int(args.get("n_visual_tokens", 1))}},
-            "retrieval_head": {"class_path": "mmgen.components.retrieval_head.RetrievalHead",
-                               "init_args": {"embed_dim": int(args.get("shared_emb_dim", 256))}},
-        },
+        "llm": {"class_path": "mmgen.components.causal_lm.CausalLM",
+                "init_args": {"name_or_path": args.get("opt_version", "facebook/opt-6.7b"), "dtype": "bfloat16"}},
+        "visual_encoder": {"class_path": "mmgen.components.clip_vision.CLIPVisionEncoder",
+                           "init_args": {"name_or_path": args.get("visual_encoder", "openai/clip-vit-large-patch14"),
+                                         "dtype": "bfloat16"}},
+        "visual_prefix": {"class_path": "mmgen.components.visual_prefix.LinearVisualPrefix",
+                          "init_args": {"n_tokens": int(args.get("n_visual_tokens", n_visual_tokens))}},
+        "retrieval_head": {"class_path": "mmgen.components.retrieval_head.RetrievalHead",
+                           "init_args": {"embed_dim": int(args.get("shared_emb_dim", 256))}},
     }
+
+
+def default_config(args: dict) -> dict:
+    """The mmgen config matching a release's ``model_args.json``."""
+    return {"class_path": "mmgen.methods.fromage.FROMAGe", "init_args": shared_components(args, n_visual_tokens=1)}
 
 
 def check_args(args: dict, model) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mmgen.convert import Conversion, release_state, token_row_params
-from mmgen.convert.fromage import BACKBONE_PREFIXES, read_model_args
+from mmgen.convert.fromage import BACKBONE_PREFIXES, read_model_args, shared_components
 from mmgen.errors import ConfigError
 
 WEIGHTS_FILE = "pretrained_ckpt.pth.tar"
@@ -50,17 +50,9 @@ def default_config(args: dict) -> dict:
     return {
         "class_path": "mmgen.methods.gill.GILL",
         "init_args": {
-            "llm": {"class_path": "mmgen.components.causal_lm.CausalLM",
-                    "init_args": {"name_or_path": args.get("opt_version", "facebook/opt-6.7b"), "dtype": "bfloat16"}},
-            "visual_encoder": {"class_path": "mmgen.components.clip_vision.CLIPVisionEncoder",
-                               "init_args": {"name_or_path": args.get("visual_encoder", "openai/clip-vit-large-patch14"),
-                                             "dtype": "bfloat16"}},
+            **shared_components(args, n_visual_tokens=4),
             "image_generator": {"class_path": "mmgen.components.stable_diffusion.StableDiffusion",
                                 "init_args": {"name_or_path": "runwayml/stable-diffusion-v1-5"}},
-            "visual_prefix": {"class_path": "mmgen.components.visual_prefix.LinearVisualPrefix",
-                              "init_args": {"n_tokens": int(args.get("n_visual_tokens", 4))}},
-            "retrieval_head": {"class_path": "mmgen.components.retrieval_head.RetrievalHead",
-                               "init_args": {"embed_dim": int(args.get("shared_emb_dim", 256))}},
             "n_img_tokens": int(args.get("num_tokens", 8)),
             "precomputed_captions": True,
         },

@@ -123,16 +123,8 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
         self.log_losses(losses, "train", len(batch["captions"]))
         return losses["loss"]
 
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test")
-
-    def _eval_step(self, batch, stage):
-        losses, text_emb, image_emb = self.compute_losses(batch["images"], batch["captions"])
-        self.log_losses(losses, stage, len(batch["captions"]))
-        self.collect_retrieval_embeddings(text_emb, image_emb)
+    def evaluation_outputs(self, batch):
+        return self.compute_losses(batch["images"], batch["captions"])  # unpacked
 
     def predict_step(self, batch, batch_idx):
         """Greedy captions for the batch's images (text only; interleaved output comes with the

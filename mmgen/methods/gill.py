@@ -248,19 +248,11 @@ class GILL(RetrievalMetrics, MultimodalLM):
         self.log_losses(losses, "train", len(batch["captions"]))
         return losses["loss"]
 
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test")
-
-    def _eval_step(self, batch, stage):
-        losses, text_emb, image_emb = self.compute_losses(
+    def evaluation_outputs(self, batch):
+        return self.compute_losses(  # unpacked
             batch["images"], batch["captions"], batch.get("caption_embeddings"),
             cache_name=batch.get("caption_cache"),
         )
-        self.log_losses(losses, stage, len(batch["captions"]))
-        self.collect_retrieval_embeddings(text_emb, image_emb)
 
     # -- using the [IMG] tokens ------------------------------------------------------------------
     @torch.no_grad()

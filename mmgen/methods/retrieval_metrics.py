@@ -8,14 +8,23 @@ from mmgen.methods.losses import retrieval_recall
 
 
 class RetrievalMetrics:
-    """LightningModule mixin: ``collect_retrieval_embeddings`` in validation/test steps; at the
-    epoch's end recall@1/5/10 in both directions is logged over the whole set (gathered across
-    ranks), with ``chance_R@1`` = 1 / set size beside it."""
+    """LightningModule mixin for validation and test: each step logs the losses of
+    ``evaluation_outputs(batch) -> (losses, text embeddings, image embeddings)`` (the method
+    defines it) and keeps the embeddings; at the epoch's end recall@1/5/10 in both directions is
+    logged over the whole set (gathered across ranks), with ``chance_R@1`` = 1 / set size."""
 
-    def collect_retrieval_embeddings(self, text: torch.Tensor, image: torch.Tensor) -> None:
+    def validation_step(self, batch, batch_idx):
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluation_step(batch, "test")
+
+    def _evaluation_step(self, batch, stage: str) -> None:
+        losses, text_emb, image_emb = self.evaluation_outputs(batch)
+        self.log_losses(losses, stage, len(batch["captions"]))
         if not hasattr(self, "_retrieval_embeddings"):
             self._retrieval_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._retrieval_embeddings.append((text.detach(), image.detach()))
+        self._retrieval_embeddings.append((text_emb.detach(), image_emb.detach()))
 
     def on_validation_epoch_end(self):
         self._log_recall("val")
