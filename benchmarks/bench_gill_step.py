@@ -37,7 +37,7 @@ from mmgen.components.stable_diffusion import StableDiffusion, tiny_sd_config  #
 from mmgen.components.visual_prefix import LinearVisualPrefix  # noqa: E402
 from mmgen.data.caption_cache import CaptionCache, write_caption_cache  # noqa: E402
 from mmgen.data.toy import CAPTION_TEMPLATE, TOY_COLORS, TOY_SHAPES  # noqa: E402
-from mmgen.methods.gill import GILL, two_forward_losses  # noqa: E402
+from mmgen.methods.gill import GILL  # noqa: E402
 
 TOY = "mmgen:toy_tokenizer"
 
@@ -120,7 +120,8 @@ def main(argv=None):
                 cached = cache.get(rows).to(args.device)
                 loss = model.compute_losses(batch_images, batch_captions, cached)[0]["loss"]
             else:
-                loss = two_forward_losses(model, batch_images, batch_captions)["loss"]
+                # the reference's way: two text-only forwards, caption targets encoded every step
+                loss = model.compute_losses(batch_images, batch_captions, share_text_forward=False)[0]["loss"]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -6,6 +6,8 @@
     mmgen cache-captions --config configs/gill.yaml  # GILL's caption-embedding cache
     mmgen export --ckpt_path last.ckpt --out out/x   # checkpoint -> pretrained folder (docs/weights.md)
     mmgen convert fromage --release DIR --out out/x  # official release -> pretrained folder
+    mmgen index build --model last.ckpt --images DIR_OR_TSV --out out/index  # retrieval index
+    mmgen chat --model last.ckpt [--index out/index] [--out chat/]  # talk with a trained model
 
 Tests call ``main([...])`` in-process.
 """
@@ -179,24 +181,66 @@ def export(args: list[str]):
 def convert_release(args: list[str]):
     """Convert an official FROMAGe, GILL or MiniGPT-5 release into an mmgen pretrained folder;
     every source tensor is placed or reported (docs/weights.md has the key mapping)."""
-    from mmgen.convert import CONVERTERS
+    from mmgen.convert import add_arguments, run
 
     parser = argparse.ArgumentParser(prog="mmgen convert", description=convert_release.__doc__)
-    parser.add_argument("release", choices=sorted(CONVERTERS), help="which method's release")
-    parser.add_argument("--release", dest="path", required=True, help="the release folder")
-    parser.add_argument("--out", required=True, help="pretrained folder to write")
-    parser.add_argument("--config", help="training or model config whose model section to build "
-                        "(default: derived from the release, backbones by hub id)")
-    parser.add_argument("--stage", help="MiniGPT-5: stage2_vist or stage2_mmdialog (default: stage 1 only)")
-    options = parser.parse_args(args)
-    from mmgen.convert import convert, model_section
+    add_arguments(parser)  # the converters declare their options (file names, backbones, dtype)
+    return run(parser.parse_args(args))
 
-    config = model_section(options.config) if options.config else None
-    extra = {"stage": options.stage} if options.stage else {}
-    model, conversion = convert(options.release, options.path, options.out, config=config, **extra)
-    print(conversion.summary())
-    print(f"-> {options.out}")
-    return model, conversion
+
+@tool("index")
+def retrieval_index(args: list[str]):
+    """Retrieval indexes (FROMAGe, GILL): embed a folder of images or a caption TSV's images with
+    a trained model into an index folder (docs/retrieval_index.md), or describe one."""
+    parser = argparse.ArgumentParser(prog="mmgen index", description=retrieval_index.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="embed images into an index folder")
+    build.add_argument("--model", required=True, help="checkpoint of mmgen fit, or a pretrained folder")
+    build.add_argument("--images", required=True, help="image folder, or caption TSV with an image column")
+    build.add_argument("--out", required=True, help="index folder to write")
+    build.add_argument("--image-dir", help="folder the TSV's image paths are relative to (default: the TSV's)")
+    build.add_argument("--image-column", help="TSV column of the image paths (default: image or image_path)")
+    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--num-workers", type=int, default=0, help="image-loading worker processes")
+    build.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
+    build.add_argument("--faiss-factory", help="also save a trained FAISS index of this type, e.g. IVF4096,Flat")
+    build.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    build.add_argument("--seed", type=int, default=None, help="seed before building the model: backbones "
+                       "with random weights (tiny configs) are then those of runs with seed_everything=SEED")
+    info = commands.add_parser("info", help="print an index folder's metadata")
+    info.add_argument("directory")
+    options = parser.parse_args(args)
+    from mmgen.inference.index import RetrievalIndex
+
+    if options.command == "info":
+        index = RetrievalIndex.load(options.directory, check_images=False)
+        print(f"{index!r}\nimages under {index.root}\n" + "\n".join(f"{k}: {v}" for k, v in index.meta.items()))
+        return index
+    from mmgen.inference.api import load_model
+
+    if options.seed is not None:
+        from lightning.pytorch import seed_everything
+
+        seed_everything(options.seed, verbose=False)
+    model = load_model(options.model, device=options.device)  # checkpoint or pretrained folder
+    backend = {"backend": "faiss", "faiss_factory": options.faiss_factory} if options.faiss_factory else {}
+    index = RetrievalIndex.build(
+        model, options.images, image_dir=options.image_dir, image_column=options.image_column,
+        batch_size=options.batch_size, num_workers=options.num_workers, source=options.model,
+        progress=True, **backend,
+    )
+    out = index.save(options.out, dtype=options.dtype)
+    print(f"{len(index)} images of {options.images} -> {out}")
+    return index
+
+
+@tool("chat")
+def chat(args: list[str]):
+    """Talk with a trained model in the terminal (images by path); the conversation can be written
+    as the same HTML page as mmgen predict writes (mmgen.inference.chat)."""
+    from mmgen.inference.chat import main as chat_main
+
+    return chat_main(args)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ class Component(Registered, nn.Module):
     def configure(self, **dims) -> None:
         raise NotImplementedError
 
+    def own_dtype(self, *tensors: "torch.Tensor"):
+        """``tensors`` in this component's parameter dtype: each component casts its own inputs,
+        so it works whatever precision its neighbours run in (fp32, bf16-mixed, bf16-true)."""
+        param = next(self.parameters(), None)
+        cast = tuple(t if t is None or param is None else t.to(param.dtype) for t in tensors)
+        return cast[0] if len(cast) == 1 else cast
+
     @property
     def is_configured(self) -> bool:
         return any(True for _ in self.parameters(recurse=True))

@@ -126,3 +126,51 @@ def test_lora_adapter_trains_lora_and_new_rows_only():
     dropouts = [m for n, m in llm.model.named_modules() if n.endswith("lora_dropout.default")]
     assert dropouts and all(m.training for m in dropouts)
     assert not llm.model.get_base_model().model.layers[0].mlp.training  # the frozen LM stays in eval
+
+
+# -- how new tokens are added ----------------------------------------------------------------
+def _metaspace_tokenizer(folder):
+    """A LLaMA-like fast tokenizer (BPE over SentencePiece's "▁" word marks), saved to ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["▁"])
+    tk.train_from_iterator(["we had lunch . then we went home .", "###Human: tell me ###Assistant: ok ###"] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    return str(folder)
+
+
+def test_minigpt5_vokens_tokenise_as_the_official_slow_tokenizer(tmp_path):
+    """The official (slow, legacy) LLaMA tokenizer eats the space before an added special token:
+    "lunch . [IMG0]" has no lone "▁" before [IMG0], and the "▁###" after [IMG7] keeps its "▁"."""
+    from mmgen.methods.minigpt5 import VOCABULARY
+
+    folder = _metaspace_tokenizer(tmp_path / "tok")
+    llm = CausalLM(config=dict(TINY_LLAMA, vocab_size=80), tokenizer=folder)
+    llm.configure(new_tokens=VOCABULARY, new_token_init="mean")
+    tok = llm.tokenizer
+    vokens = [llm.token_id(f"[IMG{i}]") for i in range(8)]
+    ids = tok("we had lunch . " + "".join(f"[IMG{i}]" for i in range(8)) + " ###", add_special_tokens=False).input_ids
+    words = tok.convert_tokens_to_ids(["▁we", "▁had", "▁lunch", "▁.", "▁###"])
+    assert ids == words[:4] + vokens + words[4:]
+    assert tok.convert_tokens_to_ids("▁") not in ids
+    # the old way (plain special tokens) would add the lone "▁" the official tokenizer drops
+    plain = CausalLM(config=dict(TINY_LLAMA, vocab_size=80), tokenizer=folder)
+    plain.configure(new_tokens=[f"[IMG{i}]" for i in range(8)])
+    assert plain.tokenizer.convert_tokens_to_ids("▁") in plain.tokenizer("lunch . [IMG0]", add_special_tokens=False).input_ids
+
+
+def test_frozen_new_tokens_get_rows_but_do_not_train():
+    from mmgen.components.base import NewToken
+
+    llm = tiny_llm("opt")
+    llm.configure(new_tokens=[NewToken("<|image|>", trainable=False), NewToken("[RET]", special=False)])
+    image, ret = llm.token_id("<|image|>"), llm.token_id("[RET]")
+    assert ret == image + 1 and llm.added_token_ids == [image, ret] and llm.new_token_ids == [ret]
+    assert llm.model.get_input_embeddings().weight.shape[0] == ret + 1
+    trainable = [p for p in llm.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == llm.embed_dim  # one row: [RET]
+    assert "[RET]" not in llm.tokenizer.all_special_tokens and "<|image|>" in llm.tokenizer.all_special_tokens

@@ -132,3 +132,66 @@ def test_a_truncated_file_is_named(tmp_path):
     (tmp_path / "release" / "model_args.json").write_text('{"opt_version": ')
     with pytest.raises(ConfigError, match="model_args.json: not valid JSON"):
         convert("fromage", tmp_path / "release", config=CONFIG)
+
+
+# -- the files users have, and the default build ------------------------------------------------------
+def test_the_prune_scripts_output_by_file_path(tmp_path):
+    """fromage/prune_model_ckpt.py's ckpt_pruned.pth.tar: DataParallel's ``module.`` prefix, the
+    whole matrix kept, [RET] as a (d,) vector; --release names the file, --model_args its args."""
+    state = write_release(tmp_path / "release", full_matrix=True)
+    ret = torch.randn(D).to(torch.bfloat16)
+    pruned = {f"module.{k}": v for k, v in state.items()} | {"ret_input_embeddings.weight": ret}
+    (tmp_path / "weights").mkdir()
+    torch.save({"state_dict": pruned}, tmp_path / "weights" / "ckpt_pruned.pth.tar")
+    model, conversion = convert("fromage", tmp_path / "weights" / "ckpt_pruned.pth.tar", config=CONFIG,
+                                model_args=tmp_path / "release" / "model_args.json")
+    params = dict(model.named_parameters())
+    for key, (_, target) in LAYOUT.items():
+        assert torch.equal(params[target], state[key].float()), key
+    assert torch.equal(model.llm.embed(torch.tensor([model.ret_id])), ret.float().view(1, -1))
+    assert [k for k, _ in conversion.reported] == ["model.input_embeddings.weight"]
+    # a folder holding only the pruned file finds it by its official name
+    (tmp_path / "release" / "pretrained_ckpt.pth.tar").unlink()
+    (tmp_path / "weights" / "ckpt_pruned.pth.tar").rename(tmp_path / "release" / "ckpt_pruned.pth.tar")
+    _, conversion = convert("fromage", tmp_path / "release", config=CONFIG)
+    assert conversion.name.endswith("ckpt_pruned.pth.tar")
+    (tmp_path / "release" / "ckpt_pruned.pth.tar").unlink()
+    with pytest.raises(ConfigError, match="no weights file .pretrained_ckpt.pth.tar or ckpt_pruned.pth.tar."):
+        convert("fromage", tmp_path / "release", config=CONFIG)
+
+
+def test_the_ret_row_is_found_by_token_not_position(tmp_path):
+    """mmgen's vocabulary, like the official one, adds <|image|> (frozen) before [RET]: the
+    release's [RET] row lands on the row the LLM reads for [RET]."""
+    state = write_release(tmp_path / "release")
+    model, _ = convert("fromage", tmp_path / "release", config=CONFIG)
+    ret = state["ret_input_embeddings.weight"].float()
+    assert torch.equal(model.llm.embed(torch.tensor([model.llm.token_id("[RET]")])), ret)
+    image_id = model.llm.token_id("<|image|>")
+    assert image_id + 1 == model.llm.token_id("[RET]")  # the official order: <|image|> first
+    assert not torch.equal(model.llm.embed(torch.tensor([image_id])), ret)  # keeps its own, frozen row
+
+
+def test_without_config_float32_and_backbones_from_options():
+    from mmgen.convert.fromage import default_config
+
+    args = {"opt_version": "facebook/opt-6.7b", "visual_encoder": "openai/clip-vit-large-patch14"}
+    config = default_config(args)["init_args"]
+    assert config["llm"]["init_args"] == {"name_or_path": "facebook/opt-6.7b", "dtype": "float32"}
+    assert config["visual_encoder"]["init_args"]["dtype"] == "float32"
+    config = default_config({}, llm="/models/opt", dtype="bfloat16")["init_args"]
+    assert config["llm"]["init_args"] == {"name_or_path": "/models/opt", "dtype": "bfloat16"}
+    assert config["visual_encoder"]["init_args"]["name_or_path"] == "openai/clip-vit-large-patch14"
+
+
+def test_cli_options_override_the_config(tmp_path):
+    write_release(tmp_path / "release")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"model": CONFIG}))
+    with pytest.warns(UserWarning, match="random frozen weights"):
+        main(["convert", "fromage", "--release", str(tmp_path / "release" / "pretrained_ckpt.pth.tar"), "--config",
+              str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "out"), "--dtype", "bfloat16"])
+    written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["init_args"]
+    assert written["llm"]["init_args"]["dtype"] == "bfloat16" == written["visual_encoder"]["init_args"]["dtype"]
+    with pytest.raises(ConfigError, match="fromage: the converter takes no stage1 option"):
+        main(["convert", "fromage", "--release", str(tmp_path / "release"), "--out", str(tmp_path / "x"),
+              "--stage1", "a.ckpt"])

@@ -88,3 +88,28 @@ def test_wrong_mapper_shape_names_the_key(tmp_path):
     write_release(tmp_path / "release", **{"model.gen_text_hidden_fcs.0.query_embs": torch.zeros(1, 77, M + 1, dtype=torch.bfloat16)})
     with pytest.raises(ConfigError, match=r"query_embs has shape \(1, 77, 33\)"):
         convert("gill", tmp_path / "release", config=CONFIG)
+
+
+def test_weights_file_and_decision_model_by_path(tmp_path):
+    state, decision_state = write_release(tmp_path / "release")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "release" / "decision_model.pth.tar").rename(tmp_path / "elsewhere" / "decision.pth.tar")
+    model, conversion = convert("gill", tmp_path / "release" / "pretrained_ckpt.pth.tar", config=CONFIG,
+                                decision=tmp_path / "elsewhere" / "decision.pth.tar")
+    stage, _, _ = conversion.decision
+    assert torch.equal(stage.decision_head.head[1].weight, decision_state["1.weight"])
+    # [IMG0..7] found by token: the rows the LLM reads for them are the release's
+    ids = torch.tensor([model.llm.token_id(f"[IMG{i}]") for i in range(R)])
+    assert torch.equal(model.llm.embed(ids), state["model.input_embeddings.weight"].float())
+    with pytest.raises(ConfigError, match="nowhere.pth.tar: missing"):
+        convert("gill", tmp_path / "release", config=CONFIG, decision=tmp_path / "nowhere.pth.tar")
+
+
+def test_default_config_float32_official_generator():
+    from mmgen.convert.gill import default_config
+
+    config = default_config({"opt_version": "facebook/opt-6.7b"})["init_args"]
+    assert config["image_generator"]["init_args"] == {"name_or_path": "runwayml/stable-diffusion-v1-5", "dtype": "float32"}
+    config = default_config({}, generator="/models/sd15", dtype="float16")["init_args"]
+    assert config["image_generator"]["init_args"] == {"name_or_path": "/models/sd15", "dtype": "float16"}
+    assert config["llm"]["init_args"]["dtype"] == "float16"

@@ -220,3 +220,80 @@ def test_default_config_is_the_published_model():
     assert args["llm"]["init_args"]["adapter"]["init_args"]["r"] == 8
     assert args["visual_encoder"]["init_args"]["projection"] == "x.pth"
     assert args["generator"]["init_args"]["name_or_path"] == "stabilityai/stable-diffusion-2-1-base"
+
+
+# -- the files users have: one checkpoint file, explicit paths, MiniGPT-4's LAVIS files -----------------
+def test_release_as_a_stage2_file_finds_stage1_beside_it(tmp_path):
+    """As the official --test_weight: the stage-2 checkpoint (it holds LoRA tensors) with
+    stage1_cc3m.ckpt in its folder."""
+    stage1, stage2, _ = write_release(tmp_path / "release", projection=False)
+    model, conversion = convert("minigpt5", tmp_path / "release" / "stage2_vist.ckpt", config=CONFIG)
+    params = dict(model.named_parameters())
+    assert torch.equal(params["mapper.fc.2.weight"], stage1["fc.2.weight"])
+    assert torch.equal(params[ROWS["input"]], stage2[PEFT + "model.embed_tokens.modules_to_save.default.weight"][-9:])
+    assert not conversion.fresh
+    model, conversion = convert("minigpt5", tmp_path / "release" / "stage1_cc3m.ckpt", config=CONFIG)
+    assert len(conversion.fresh) == 8  # a stage-1 file alone: the LoRA stays at its initialisation
+    with pytest.raises(ConfigError, match="--release is a checkpoint file"):
+        convert("minigpt5", tmp_path / "release" / "stage1_cc3m.ckpt", config=CONFIG, stage="stage2_vist")
+
+
+def test_stage_files_by_explicit_paths(tmp_path):
+    write_release(tmp_path / "a", stage2="stage2_mmdialog", projection=False)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "stage1_cc3m.ckpt").rename(tmp_path / "b" / "my_stage1.ckpt")
+    model, conversion = convert("minigpt5", tmp_path / "a", config=CONFIG, stage1=tmp_path / "b" / "my_stage1.ckpt",
+                                stage2=tmp_path / "a" / "stage2_mmdialog.ckpt")
+    assert not conversion.fresh
+    assert any(k.startswith("my_stage1.ckpt:fc.0.weight") for k, _ in conversion.placed)
+    with pytest.raises(ConfigError, match="stage1_cc3m.ckpt: missing"):  # the folder's default name
+        convert("minigpt5", tmp_path / "a", config=CONFIG, stage="stage2_mmdialog")
+
+
+def test_lavis_files_in_the_release_folder_are_named_and_loaded(tmp_path):
+    """eva_vit_g.pth and blip2_pretrained_flant5xxl.pth beside the checkpoints: the written config
+    names them (QFormerEncoder loads them, frozen), and --dtype sets the frozen backbones' dtype."""
+    from test_qformer_lavis import blip2_file, eva_vit_file
+
+    write_release(tmp_path / "release", stage2=None)
+    blip2 = blip2_file(w=32, q=32, ffn=64, layers=2, cross=(0,), queries=4)
+    torch.save(eva_vit_file(w=32, mlp=64, blocks=3), tmp_path / "release" / "eva_vit_g.pth")
+    torch.save({"model": blip2}, tmp_path / "release" / "blip2_pretrained_flant5xxl.pth")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"model": CONFIG}))
+    with pytest.warns(UserWarning, match="random frozen weights"):
+        model, conversion = main(["convert", "minigpt5", "--release", str(tmp_path / "release"), "--out",
+                                  str(tmp_path / "out"), "--config", str(tmp_path / "tiny.yaml"), "--dtype", "bfloat16"])
+    encoder = model.visual_encoder
+    torch.testing.assert_close(encoder.query_tokens.float(), blip2["query_tokens"].to(torch.bfloat16).float())
+    assert encoder.query_tokens.dtype == torch.bfloat16
+    assert "eva_vit_g.pth:blocks.2.attn.qkv.weight: not used (ViT block 2" in "\n".join(encoder.load_summary)
+    written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["init_args"]
+    assert written["visual_encoder"]["init_args"]["lavis_vit"].endswith("release/eva_vit_g.pth")
+    assert written["visual_encoder"]["init_args"]["lavis_qformer"].endswith("blip2_pretrained_flant5xxl.pth")
+    assert written["llm"]["init_args"]["dtype"] == "bfloat16" and written["visual_encoder"]["init_args"]["dtype"] == "bfloat16"
+    assert {k for k, _ in conversion.reported} >= {"eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth"}
+    reloaded = load_pretrained(tmp_path / "out")
+    assert torch.equal(reloaded.visual_encoder.query_tokens, encoder.query_tokens)
+
+
+def test_a_named_visual_file_that_does_not_exist_is_refused(tmp_path):
+    write_release(tmp_path / "release", stage2=None, projection=False)
+    with pytest.raises(ConfigError, match="nowhere.pth: the visual encoder's lavis_vit file does not exist"):
+        convert("minigpt5", tmp_path / "release", config=CONFIG, lavis_vit=str(tmp_path / "nowhere.pth"))
+
+
+def test_without_config_float32_and_the_official_backbones_unless_asked():
+    from mmgen.convert.minigpt5 import default_config
+
+    args = default_config()["init_args"]
+    assert args["llm"]["init_args"]["name_or_path"] == "Vision-CAIR/vicuna-7b"  # MiniGPT-5's README: Vicuna V0 7B
+    assert args["visual_encoder"]["init_args"]["name_or_path"] == "Salesforce/blip2-flan-t5-xxl"
+    assert {args[c]["init_args"]["dtype"] for c in ("llm", "visual_encoder", "generator")} == {"float32"}
+    args = default_config(llm="/models/vicuna", dtype="bfloat16")["init_args"]
+    assert args["llm"]["init_args"]["name_or_path"] == "/models/vicuna"
+    assert {args[c]["init_args"]["dtype"] for c in ("llm", "visual_encoder", "generator")} == {"bfloat16"}
+    from mmgen.convert import backbone_note  # the summary's first line when built without --config
+
+    assert backbone_note(default_config()).startswith("llm=Vision-CAIR/vicuna-7b (float32), visual_encoder=")
+    with pytest.raises(ConfigError, match="--dtype 'fp8'"):
+        convert("minigpt5", "nowhere", config=CONFIG, dtype="fp8")

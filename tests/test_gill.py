@@ -15,7 +15,7 @@ from mmgen.components.stable_diffusion import StableDiffusion, tiny_sd_config
 from mmgen.components.visual_prefix import LinearVisualPrefix
 from mmgen.data.interleave import IGNORE
 from mmgen.errors import DataError
-from mmgen.methods.gill import GILL, per_token_l2, two_forward_losses
+from mmgen.methods.gill import GILL, per_token_l2
 
 SD_DIM = 16  # the tiny generator's text-embedding width
 
@@ -176,7 +176,7 @@ def test_losses_by_hand(gill, captions):
     target = torch.arange(4)
     by_hand = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
     torch.testing.assert_close(losses["contrastive"], by_hand)
-    total = losses["caption"] + 0.5 * losses["img_lm"] + 0.5 * losses["img_lm"] + losses["contrastive"] + losses["gen"]
+    total = losses["caption"] + 0.5 * losses["ret_lm"] + 0.5 * losses["gen_lm"] + losses["contrastive"] + losses["gen"]
     torch.testing.assert_close(losses["loss"], total)
     # the generation target is the SD text encoder's caption embedding, per-token L2 distance
     h, e = gill.prompt_img_states(captions)
@@ -194,7 +194,7 @@ def test_shared_forward_equals_two_forwards(captions):
     shared["loss"].backward()
     shared_grads = [p.grad.clone() for p in trainable]
     model.zero_grad()
-    two = two_forward_losses(model, images, captions)
+    two, _, _ = model.compute_losses(images, captions, share_text_forward=False)
     two["loss"].backward()
     for name in shared:
         torch.testing.assert_close(shared[name], two[name], msg=name)

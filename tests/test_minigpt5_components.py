@@ -62,6 +62,28 @@ def test_qformer_loads_blip2_folder_and_projection(tmp_path):
     first = "encoder.layers.0.self_attn.qkv.weight"
     torch.testing.assert_close(enc.vision_model.state_dict()[first], blip2.vision_model.state_dict()[first])
     torch.testing.assert_close(enc.llama_proj.weight, proj["model"]["llama_proj.weight"])
+    # the folder's config says 1e-6 (transformers uses the blocks' eps); LAVIS's ln_vision has 1e-5
+    assert blip2.vision_model.post_layernorm.eps == 1e-6 and enc.vision_model.post_layernorm.eps == 1e-5
+    assert any(line.startswith("blip2:vision_model.post_layernorm.weight -> ") for line in enc.load_summary)
+
+
+def test_qformer_blip2_folder_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import Blip2Config, Blip2Model
+
+    from mmgen.components.qformer import QFormerEncoder
+    from mmgen.errors import ConfigError
+
+    config = Blip2Config(vision_config=TINY_BLIP2["vision_config"], qformer_config=TINY_BLIP2["qformer_config"],
+                         text_config=dict(model_type="opt", vocab_size=64, hidden_size=16, ffn_dim=32,
+                                          num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=16),
+                         num_query_tokens=4)
+    Blip2Model(config).save_pretrained(tmp_path / "blip2")
+    weights = load_file(tmp_path / "blip2" / "model.safetensors")
+    del weights["qformer.layernorm.bias"]
+    save_file(weights, tmp_path / "blip2" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"no value for \['qformer.layernorm.bias"):
+        QFormerEncoder(str(tmp_path / "blip2")).configure(embed_dim=24)
 
 
 # -- voken mapper -------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""MiniGPT-5 sample construction: CC3M (stage 1), VIST and MMDialog (stage 2)."""
+"""MiniGPT-5 data in mmgen: the readers' layouts and errors, the toy data, batching and shuffling.
+
+The official strings themselves are checked in tests/test_minigpt5_official_samples.py.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgen.data.minigpt5_samples import VOKEN_STRING, caption_sample
-from mmgen.errors import DataError
-
-
+from mmgen.data.minigpt5_samples import VOKEN_STRING, caption_samples
+from mmgen.errors import ConfigError, DataError
 
 V = VOKEN_STRING  # "[IMG0][IMG1]...[IMG7]"
 IMG = "<Img><ImageHere></Img>"
@@ -21,12 +22,12 @@ def _image(path):
     Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
 
 
-def test_cc3m_sample_plain_and_instruction():
-    plain = caption_sample("a dog", "x.jpg", instruction=False)
+def test_caption_samples_plain_and_instruction():
+    plain, = caption_samples("a dog", "x.jpg")
     assert (plain.source, plain.target, plain.caption) == ("a dog", f"{V} ###", "a dog")
     assert plain.input_images == [] and plain.output_images == ["x.jpg"]
-    templ = caption_sample("a dog", "x.jpg", instruction=True)
-    assert templ.source == "###Human: generate image with caption: a dog ###Assistant:"
+    _, templ = caption_samples("a dog", "x.jpg", instruction="an image with caption:", system_prompt="")
+    assert templ.source == "###Human: an image with caption: a dog ###Assistant:"
 
 
 def _vist(tmp_path, records):
@@ -44,29 +45,40 @@ def _story(n=3, story="s1"):
              "photo_flickr_id": f"{story}p{k}"} for k in reversed(range(n))]
 
 
-def test_vist_sample_construction(tmp_path):
+def test_vist_sis_json_gives_the_same_samples_as_the_official_layout(tmp_path):
+    from mmgen.data.vist import VISTDataset
+
+    sis = VISTDataset(str(_vist(tmp_path, _story(3))), str(tmp_path / "img"), input_image_size=8,
+                      output_image_size=8)
+    steps = [{"caption": f"cap {k}", "image_id": f"s1p{k}", "sequence_index": k} for k in (2, 0, 1)]
+    (tmp_path / "train_cleaned.json").write_text(json.dumps({"s1": steps}))
+    (tmp_path / "train_image_mapping.json").write_text(json.dumps({f"s1p{k}": f"img/s1p{k}.jpg" for k in range(3)}))
+    cleaned = VISTDataset(str(tmp_path / "train_cleaned.json"), input_image_size=8, output_image_size=8)
+    assert [(s.source, s.target, s.input_images, s.output_images) for s in sis.samples] == \
+           [(s.source, s.target, s.input_images, s.output_images) for s in cleaned.samples]
+    assert len(sis.samples) == 1 + 2 * 3  # step 0: generate; steps 1, 2: three tasks each
+    und = sis.samples[-1]
+    assert any(und.source.endswith(f"###Human:cap 0{IMG}cap 1{IMG}\n {ask} {IMG} ###Assistant:") for ask in
+               ("Tell me the next scene description by this image:", "What happen in the next scene image:"))
+    item = sis[3]  # step 1, understand: two input images, no output image
+    assert item["input_images"].shape == (2, 3, 8, 8) and item["output_images"].shape == (0, 3, 8, 8)
+
+
+def test_vist_task_selection_and_last_step(tmp_path):
     from mmgen.data.vist import VISTDataset
 
     path = _vist(tmp_path, _story(3))
-    ds = VISTDataset(str(path), str(tmp_path / "img"), image_size=8)
-    samples = ds.samples
-    assert len(samples) == 2 * 3  # steps 1 and 2, three tasks each
-    gen, nxt, und = samples[3:6]  # step 2: history = steps 0 and 1
-    history = f" cap 0 {IMG} cap 1 {IMG}"
-    assert gen.source == f"###Human:{history} Generate an image with the scene description: cap 2 ###Assistant:"
-    assert gen.target == f"{V} ###"
-    assert nxt.source == f"###Human:{history} Tell me the next scene with image. ###Assistant:"
-    assert nxt.target == f"cap 2 {V} ###"
-    assert und.source == f"###Human:{history} Tell me the next scene description by this image: {IMG} ###Assistant:"
-    assert und.target == "cap 2 ###"
-    img = tmp_path / "img"
-    assert gen.input_images == [img / "s1p0.jpg", img / "s1p1.jpg"] and gen.output_images == [img / "s1p2.jpg"]
-    assert und.input_images == [img / "s1p0.jpg", img / "s1p1.jpg", img / "s1p2.jpg"] and und.output_images == []
-    item = ds[3]
-    assert item["input_images"].shape == (2, 3, 8, 8) and item["output_images"].shape == (1, 3, 8, 8)
-
-    test = VISTDataset(str(path), str(tmp_path / "img"), tasks=["generate"], last_step_only=True)
-    assert [s.source for s in test.samples] == [gen.source]
+    full = VISTDataset(str(path), str(tmp_path / "img")).samples
+    gen = VISTDataset(str(path), str(tmp_path / "img"), tasks=["generate"]).samples
+    assert [s.source for s in gen] == [full[0].source, full[1].source, full[4].source]  # same phrasings
+    last = VISTDataset(str(path), str(tmp_path / "img"), tasks=["generate"], last_step_only=True).samples
+    assert [s.source for s in last] == [full[4].source]
+    test_last = VISTDataset(str(path), str(tmp_path / "img"), split="test", last_step_only=True).samples
+    assert [(s.target, len(s.input_images)) for s in test_last] == [(f"{V} ###", 2)]
+    with pytest.raises(ConfigError, match="unknown VIST tasks"):
+        VISTDataset(str(path), tasks=["caption"])
+    with pytest.raises(ConfigError, match="unknown split 'val'"):
+        VISTDataset(str(path), split="val")
 
 
 def test_vist_bad_records_are_named(tmp_path):
@@ -76,6 +88,10 @@ def test_vist_bad_records_are_named(tmp_path):
     del bad[1]["text"]
     with pytest.raises(DataError, match=r"annotations\[1\].*missing \['text'\]"):
         VISTDataset(str(_vist(tmp_path, bad)), str(tmp_path / "img")).samples
+    typed = _story(2)
+    typed[0]["text"] = ["not", "text"]
+    with pytest.raises(DataError, match=r"annotations\[0\] \(story s1\): 'text' must be a string, got list"):
+        VISTDataset(str(_vist(tmp_path, typed)), str(tmp_path / "img")).samples
     gap = [r for r in _story(3, "s9") if r["worker_arranged_photo_order"] != 1]
     with pytest.raises(DataError, match="story s9 has photo orders"):
         VISTDataset(str(_vist(tmp_path, gap)), str(tmp_path / "img")).samples
@@ -83,49 +99,41 @@ def test_vist_bad_records_are_named(tmp_path):
     (tmp_path / "img" / "s3p1.jpg").unlink()
     with pytest.raises(DataError, match=r"story s3, step 1: image not found: .*s3p1.jpg"):
         VISTDataset(str(path), str(tmp_path / "img")).samples
+    (tmp_path / "dup_cleaned.json").write_text(json.dumps({"7": [
+        {"caption": "a", "image_id": "1", "sequence_index": 0}, {"caption": "b", "image_id": "2", "sequence_index": 0}]}))
+    with pytest.raises(DataError, match=r"dup_cleaned.json, story 7: repeated sequence_index"):
+        VISTDataset(str(tmp_path / "dup_cleaned.json")).samples
 
 
-def _mmdialog(tmp_path, lines):
-    (tmp_path / "media").mkdir(exist_ok=True)
-    for m in ("m1", "m2"):
-        _image(tmp_path / "media" / f"{m}.jpg")
+def test_mmdialog_images_are_found_beside_the_file_or_in_image_dir(tmp_path):
+    from mmgen.data.mmdialog import MMDialogDataset
+
+    conversation = [{"turn": [{"__TEXT__": "look"}, {"__MEDIA__": "m1"}]}, {"turn": [{"__TEXT__": "nice"}]}]
     path = tmp_path / "dialog.jsonl"
-    path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")
-    return path
+    path.write_text(json.dumps({"conversation_id": 1, "conversation": conversation}) + "\n\n")
+    (tmp_path / "media").mkdir()
+    _image(tmp_path / "media" / "m1.jpg")
+    assert MMDialogDataset(str(path), split="test").samples == []  # m1.jpg not beside the file: stops
+    ds = MMDialogDataset(str(path), str(tmp_path / "media"), split="test", input_image_size=8)
+    sample, = ds.samples
+    assert sample.input_images == [tmp_path / "media" / "m1.jpg"] and sample.target == "nice ###"
+    assert ds[0]["input_images"].shape == (1, 3, 8, 8)
 
 
-def test_mmdialog_sample_construction(tmp_path):
-    from mmgen.data.mmdialog import MMDialogDataset
+def test_toy_data_is_read_by_the_minigpt5_readers(tmp_path):
+    from mmgen.data.minigpt5_samples import ToyCaptionGenerationDataset
+    from mmgen.data.vist import ToyVISTDataset
 
-    conv = {"conversation_id": 7, "conversation": [
-        {"turn": [{"__TEXT__": "look at my cat"}, {"__MEDIA__": "m1"}]},
-        {"turn": [{"__TEXT__": "so cute"}]},
-        {"turn": [{"__TEXT__": "show me yours"}]},
-        {"turn": [{"__TEXT__": "here it is"}, {"__MEDIA__": "m2"}]},
-    ]}
-    ds = MMDialogDataset(str(_mmdialog(tmp_path, [conv])), str(tmp_path / "media"), image_size=8)
-    first, second = ds.samples
-    assert first.source == f"###Human: look at my cat {IMG} ###Assistant:"
-    assert first.target == "so cute ###" and first.output_images == []
-    assert second.source == (f"###Human: look at my cat {IMG} ###Assistant: so cute "
-                             "###Human: show me yours ###Assistant:")
-    assert second.target == f"here it is {V} ###"
-    assert second.input_images == [tmp_path / "media" / "m1.jpg"]
-    assert second.output_images == [tmp_path / "media" / "m2.jpg"]
-    assert ds[1]["output_images"].shape == (1, 3, 8, 8)
-
-
-def test_mmdialog_bad_records_are_named(tmp_path):
-    from mmgen.data.mmdialog import MMDialogDataset
-
-    good = {"conversation_id": 1, "conversation": [{"turn": [{"__TEXT__": "hi"}]}]}
-    path = _mmdialog(tmp_path, [good, "{not json"])
-    with pytest.raises(DataError, match="dialog.jsonl, line 2: not valid JSON"):
-        MMDialogDataset(str(path), str(tmp_path / "media")).samples
-    bad = {"conversation_id": 5, "conversation": [{"turn": [{"__AUDIO__": "x"}]}]}
-    path = _mmdialog(tmp_path, [good, bad])
-    with pytest.raises(DataError, match=r"line 2 \(conversation 5\), turn 0, item 0"):
-        MMDialogDataset(str(path), str(tmp_path / "media")).samples
+    cc3m = ToyCaptionGenerationDataset(str(tmp_path / "toy"), n_train=12, n_val=4, image_size=16,
+                                       instruction_every=10)
+    assert len(cc3m) == 12 + 2 and cc3m[1]["source"].endswith("###Assistant:")
+    assert cc3m[0]["output_images"].shape == (1, 3, 16, 16) and cc3m[0]["input_images"].shape == (0, 3, 16, 16)
+    test = ToyCaptionGenerationDataset(str(tmp_path / "toy"), split="test", n_train=12, n_val=4, image_size=16)
+    assert len(test) == 4
+    vist = ToyVISTDataset(str(tmp_path / "vist"), n_stories=2, n_steps=3, image_size=16)
+    assert len(vist) == 2 * 7 and vist[3]["input_images"].shape == (2, 3, 16, 16)
+    assert (tmp_path / "vist" / "train_cleaned.json").is_file()  # MiniGPT-5's layout, written on first use
+    assert (tmp_path / "vist" / "train_image_mapping.json").is_file()
 
 
 def test_training_data_is_shuffled(tmp_path):
@@ -133,11 +141,14 @@ def test_training_data_is_shuffled(tmp_path):
     from mmgen.data.vist import VISTDataset
 
     records = [dict(r, text=f"{r['story_id']} {r['text']}") for s in range(6) for r in _story(2, f"s{s}")]
-    ds = VISTDataset(str(_vist(tmp_path, records)), str(tmp_path / "img"), tasks=["generate"], image_size=8)
-    dm = MiniGPT5DataModule(train=ds, batch_size=6, seed=0)
+    ds = VISTDataset(str(_vist(tmp_path, records)), str(tmp_path / "img"), tasks=["generate"],
+                     input_image_size=8, output_image_size=8)
+    dm = MiniGPT5DataModule(train=ds, batch_size=12, seed=0)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert sorted(batch["sources"]) == sorted(s.source for s in ds.samples)
     assert batch["sources"] != [s.source for s in ds.samples]
-    assert batch["n_input_images"] == [1] * 6 and batch["output_images"].shape == (6, 3, 8, 8)
-    assert isinstance(batch["input_images"], torch.Tensor)
+    assert sorted(batch["n_input_images"]) == [0] * 6 + [1] * 6 and batch["output_images"].shape == (12, 3, 8, 8)
+    assert isinstance(batch["input_images"], torch.Tensor) and batch["input_images"].shape == (6, 3, 8, 8)
+    in_order = MiniGPT5DataModule(train=ds, batch_size=12, shuffle=False)  # the reference's order
+    assert next(iter(in_order.train_dataloader()))["sources"] == [s.source for s in ds.samples]

@@ -187,3 +187,17 @@ def test_unknown_stage_and_groups_are_errors(model):
         TrainingStages(stages=["uas", "mls"])
     with pytest.raises(ConfigError, match="unknown groups"):
         model.apply_stage(Stage("x", ("lm_head",)))
+
+
+def test_a_batch_without_output_images_still_reaches_every_trainable_parameter(model):
+    """DDP needs a gradient for every trainable parameter in every step, also when no sample of
+    the batch asks for an image (the mapper is then unused)."""
+    model.apply_stage(get_stage("uas"))
+    batch = _batch(model, n=1)
+    batch.update(targets=["a red circle ###"], output_images=torch.zeros(0, 3, 32, 32), n_output_images=[0])
+    losses = model.compute_losses(batch, train=True)
+    losses["loss"].backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None for _, p in trainable), [n for n, p in trainable if p.grad is None]
+    assert all(float(p.grad.abs().sum()) == 0 for n, p in trainable if n.startswith("mapper."))
+    torch.testing.assert_close(losses["loss"], 0.01 * losses["text"])

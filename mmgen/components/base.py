@@ -18,17 +18,34 @@ class LMOutput:
     hidden: torch.Tensor  # (b, t, d) last layer, after the final norm: hidden_states[-1]
 
 
+@dataclass(frozen=True)
+class NewToken:
+    """A token a method adds to the LLM's vocabulary, declared as the official code adds it.
+
+    The order of a method's declarations is the order of the new ids; a frozen token still gets
+    its row (and a softmax entry), so the vocabulary, and with it every loss, is the official one.
+    """
+
+    text: str
+    trainable: bool = True  # its embedding (and untied LM-head) row trains
+    special: bool = True  # a special token (skipped by decode(skip_special_tokens=True)); False:
+    #   a plain added token, as `tokenizer.add_tokens` makes it (FROMAGe's [RET], GILL's [IMG*])
+    lstrip: bool = False  # eat the whitespace before it, as the slow (legacy) LLaMA tokenizer
+    #   does for every added special token (MiniGPT-5: "lunch . [IMG0]" has no lone "▁")
+
+
 class LLMBackbone(Component, kind="llm"):
     """A frozen causal language model whose new special tokens (and adapter, if any) train.
 
     ``configure(new_tokens=..., new_token_init=...)`` loads the model and tokenizer and adds the
-    tokens a method needs. After that: ``tokenizer``, ``embed_dim``, ``token_id(token)``,
-    ``embed(ids)``, ``forward(inputs_embeds, attention_mask, labels)``.
+    tokens a method needs (``NewToken`` or plain strings: trainable special tokens). After that:
+    ``tokenizer``, ``embed_dim``, ``token_id(token)``, ``embed(ids)``,
+    ``forward(inputs_embeds, attention_mask, labels)``.
     """
 
     tokenizer = None
 
-    def configure(self, new_tokens: list[str] = (), new_token_init: str = "random") -> None:
+    def configure(self, new_tokens: list[NewToken | str] = (), new_token_init: str = "random") -> None:
         raise NotImplementedError
 
     def token_id(self, token: str) -> int:

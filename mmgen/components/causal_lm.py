@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmgen.components.base import LLMBackbone, LMOutput, PeftAdapter
+from mmgen.components.base import LLMBackbone, LMOutput, NewToken, PeftAdapter
 from mmgen.components.hub import KNOWN_TOKENIZER_LENGTHS, random_weights_requested, resolve_config, resolve_name
 from mmgen.errors import ConfigError
 
@@ -26,6 +26,11 @@ class CausalLM(LLMBackbone):
         random_weights: Build ``name_or_path``'s architecture with random weights (no download
             when its config is bundled in ``mmgen.components.hub``).
         tokenizer: Hub id or folder of the tokenizer. Default: ``name_or_path``.
+        tokenizer_kwargs: Further arguments of ``AutoTokenizer.from_pretrained`` (``legacy``,
+            ``add_prefix_space``, ``padding_side``, ...). transformers 5 always builds the fast
+            tokenizer; where an official model used the slow one (MiniGPT-5's legacy LLaMA
+            tokenizer), the method declares its new tokens with the slow tokenizer's strip
+            behaviour (``NewToken.lstrip``), which gives the official ids.
         adapter: A peft adapter (LoRA, prefix tuning) trained with the new token rows. None: only
             the new token rows train.
         dtype: dtype of the frozen weights ("float32", "bfloat16", "float16").
@@ -38,6 +43,7 @@ class CausalLM(LLMBackbone):
         config: dict | None = None,
         random_weights: bool = False,
         tokenizer: str | None = None,
+        tokenizer_kwargs: dict | None = None,
         adapter: PeftAdapter | None = None,
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
@@ -47,18 +53,22 @@ class CausalLM(LLMBackbone):
         self.config_overrides = config
         self.random_weights = random_weights
         self.tokenizer_name = resolve_name(tokenizer or name_or_path)
+        self.tokenizer_kwargs = dict(tokenizer_kwargs or {})
         self.adapter = adapter
         self.dtype = getattr(torch, dtype)
         self.gradient_checkpointing = gradient_checkpointing
         self.model: nn.Module | None = None
-        self.new_token_ids: list[int] = []
+        self.new_token_ids: list[int] = []  # rows that train (the method's trainable new tokens)
+        self.added_token_ids: list[int] = []  # every token the method added, frozen ones too
 
     # -- building --------------------------------------------------------------------------------
-    def configure(self, new_tokens: list[str] = (), new_token_init: str = "random") -> None:
+    def configure(self, new_tokens: list[NewToken | str] = (), new_token_init: str = "random") -> None:
         """Load (or randomly build) the LM and tokenizer, add ``new_tokens`` and wrap in peft.
 
-        ``new_token_init``: "random" (the resized rows as transformers initialises them, as
-        FROMAGe/GILL do) or "mean" (the mean of the existing rows, as MiniGPT-5 does).
+        ``new_tokens`` are added in order (a plain string is a trainable special token); only
+        the trainable ones' rows train. ``new_token_init``: "random" (the resized rows as
+        transformers initialises them, as FROMAGe/GILL do) or "mean" (the mean of the existing
+        rows, as MiniGPT-5 does).
         """
         if self.model is not None:
             return
@@ -74,7 +84,9 @@ class CausalLM(LLMBackbone):
                 self.name_or_path, dtype=self.dtype, **(self.config_overrides or {})
             )
         model.requires_grad_(False)
-        self.new_token_ids = self._add_tokens(model, list(new_tokens), new_token_init)
+        tokens = [t if isinstance(t, NewToken) else NewToken(t) for t in new_tokens]
+        self.added_token_ids = self._add_tokens(model, tokens, new_token_init)
+        self.new_token_ids = [i for i, t in zip(self.added_token_ids, tokens) if t.trainable]
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
@@ -100,23 +112,34 @@ class CausalLM(LLMBackbone):
         self.train(self.training)
 
     def _load_tokenizer(self):
-        from transformers import AutoTokenizer
+        from mmgen.components.tokenizers import load_tokenizer  # names a missing sentencepiece
 
         if self.tokenizer_name is None:
             return None
         try:
-            return AutoTokenizer.from_pretrained(self.tokenizer_name)
+            return load_tokenizer(self.tokenizer_name, **self.tokenizer_kwargs)
         except (OSError, ValueError):
             if random_weights_requested(self.random_weights):
                 return None  # random full-size build without tokenizer files: ids from the table
             raise
 
-    def _add_tokens(self, model: nn.Module, tokens: list[str], init: str) -> list[int]:
+    def _add_tokens(self, model: nn.Module, tokens: list[NewToken], init: str) -> list[int]:
         if not tokens:
             return []
+        texts = [t.text for t in tokens]
         if self.tokenizer is not None:
-            self.tokenizer.add_special_tokens({"additional_special_tokens": tokens})
-            ids = self.tokenizer.convert_tokens_to_ids(tokens)
+            from transformers import AddedToken
+
+            for token in tokens:  # one at a time: ids follow the declared order
+                added = AddedToken(token.text, special=token.special, lstrip=token.lstrip,
+                                   normalized=not token.special and not token.lstrip)
+                if token.special:
+                    self.tokenizer.add_special_tokens(
+                        {"additional_special_tokens": [added]}, replace_extra_special_tokens=False
+                    )
+                else:
+                    self.tokenizer.add_tokens([added])
+            ids = self.tokenizer.convert_tokens_to_ids(texts)
             n_rows = len(self.tokenizer)
         else:
             base = KNOWN_TOKENIZER_LENGTHS.get(self.name_or_path)
@@ -124,7 +147,7 @@ class CausalLM(LLMBackbone):
                 raise ConfigError(f"no tokenizer for {self.name_or_path!r}: give `tokenizer`")
             ids = list(range(base, base + len(tokens)))
             n_rows = base + len(tokens)
-            self._token_ids_without_tokenizer = dict(zip(tokens, ids))
+            self._token_ids_without_tokenizer = dict(zip(texts, ids))
         old_rows = model.get_input_embeddings().weight.shape[0]
         # Resize to the tokenizer's length, as the reference does (OPT's 50272-row matrix shrinks
         # to 50267 for FROMAGe and grows to 50274 for GILL). mean_resizing=False: deterministic.

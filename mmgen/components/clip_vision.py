@@ -14,9 +14,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def normalized_pixels(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor, dtype) -> torch.Tensor:
     """RGB in [0, 1], (b, 3, h, w) -> the (b, 3, size, size) pixel values CLIP-style encoders
-    take: bicubic resize if needed, then per-channel normalisation."""
+    take: bicubic resize if needed (antialiased when shrinking, so a 512-px image does not
+    reach the encoder aliased), then per-channel normalisation."""
     if images.shape[-2:] != (size, size):
-        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+        shrink = images.shape[-2] > size or images.shape[-1] > size
+        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=shrink)
     return ((images - mean) / std).to(dtype)
 
 

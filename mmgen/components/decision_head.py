@@ -31,9 +31,9 @@ class DecisionHead(OutputHead):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: (b, hidden_dim) at [IMG0] -> (b, 2) logits of (generate, retrieve)
-        return self.head(hidden)
+        return self.head(self.own_dtype(hidden))
 
     @torch.no_grad()
     def decide(self, hidden: torch.Tensor) -> list[str]:
         """"generate" or "retrieve" per row (argmax; dropout off in eval mode)."""
-        return [DECISIONS[i] for i in self.head(hidden).argmax(-1).tolist()]
+        return [DECISIONS[i] for i in self(hidden).argmax(-1).tolist()]

@@ -85,6 +85,7 @@ class GILLMapper(OutputHead):
 
     def forward(self, hidden: torch.Tensor, input_embeds: torch.Tensor | None = None) -> torch.Tensor:
         # hidden, input_embeds: (b, r, hidden_dim) at [IMG0..r-1]
+        hidden, input_embeds = self.own_dtype(hidden, input_embeds)
         x = hidden + input_embeds if self.residual_input_embeddings else hidden
         x = self.fc(x)  # (b, r, d_model)
         queries = self.query_embs.expand(x.shape[0], -1, -1)  # (b, 77, d_model)

@@ -62,6 +62,7 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "facebook/opt-6.7b": _OPT_6_7B,
     "facebook/opt-125m": _OPT_125M,
     "lmsys/vicuna-7b-delta-v0": _LLAMA_7B,
+    "Vision-CAIR/vicuna-7b": _LLAMA_7B,
     "huggyllama/llama-7b": _LLAMA_7B,
     "openai/clip-vit-large-patch14": _CLIP_L14_VISION,
     "openai/clip-vit-base-patch32": _CLIP_B32_VISION,
@@ -73,6 +74,7 @@ KNOWN_TOKENIZER_LENGTHS: dict[str, int] = {
     "facebook/opt-6.7b": 50265,
     "facebook/opt-125m": 50265,
     "lmsys/vicuna-7b-delta-v0": 32000,
+    "Vision-CAIR/vicuna-7b": 32000,
     "huggyllama/llama-7b": 32000,
 }
 

@@ -1,12 +1,14 @@
 """MiniGPT-4's frozen visual path: EVA ViT-g -> Q-Former (32 queries) -> Linear(768, 4096).
 
-REFERENCE.md sec. 5. ``transformers.Blip2VisionModel`` with the default ``Blip2VisionConfig`` is
-EVA ViT-g/14 as BLIP-2 uses it (39 layers, width 1408, final LayerNorm included);
-``Blip2QFormerModel`` plus a ``query_tokens`` parameter is the Q-Former. MiniGPT-4 takes both
-from ``Salesforce/blip2-flan-t5-xxl`` and adds its own ``llama_proj`` (768 -> 4096). Everything
-here is frozen: MiniGPT-5 trains none of it.
+``transformers.Blip2VisionModel`` with the default ``Blip2VisionConfig`` is
+EVA ViT-g/14 as BLIP-2 uses it (39 layers, width 1408); its ``post_layernorm`` is LAVIS's
+``ln_vision`` (with LAVIS's eps, 1e-5, set here); ``Blip2QFormerModel`` plus a ``query_tokens``
+parameter is the Q-Former. MiniGPT-4 takes both from BLIP-2 FlanT5-XXL and adds its own
+``llama_proj`` (768 -> 4096). Weights come from a transformers BLIP-2 folder or hub id, or from
+the LAVIS files MiniGPT-4 itself loads (``mmgen.components.lavis`` has the key mapping).
+Everything here is frozen: MiniGPT-5 trains none of it.
 
-    images (b, 3, 224, 224) --ViT--> (b, 257, 1408) --Q-Former(32 queries)--> (b, 32, 768)
+    images (b, 3, 224, 224) --ViT--> (b, 257, 1408) --ln_vision--> --Q-Former(32 queries)--> (b, 32, 768)
                              --llama_proj--> (b, 32, 4096)   one LLM input token per query
 """
 
@@ -22,13 +24,20 @@ from torch import nn
 from mmgen.components.base import VisualEncoder
 from mmgen.components.clip_vision import CLIP_MEAN, CLIP_STD, normalized_pixels
 from mmgen.components.hub import KNOWN_CONFIGS, random_weights_requested, register_known_config, resolve_name
+from mmgen.components.lavis import LavisLoad
 from mmgen.errors import ConfigError
+
+#: The hub id of the BLIP-2 MiniGPT-4 takes its Q-Former from; also the architecture LAVIS files
+#: are loaded into when ``name_or_path`` is not given.
+BLIP2_FLAN_T5_XXL = "Salesforce/blip2-flan-t5-xxl"
+#: eps of LAVIS's ``ln_vision`` (torch's LayerNorm default); the EVA blocks use 1e-6.
+LN_VISION_EPS = 1e-5
 
 # BLIP-2 (FlanT5-XXL) architecture, as published: the vision and Q-Former configs are the
 # transformers defaults, which are exactly EVA ViT-g/14 (39 layers) and BERT-base with
 # cross-attention every other layer.
 register_known_config(
-    "Salesforce/blip2-flan-t5-xxl",
+    BLIP2_FLAN_T5_XXL,
     dict(
         model_type="blip-2",
         vision_config=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
@@ -48,24 +57,41 @@ class QFormerEncoder(VisualEncoder):
     The output is already in the LLM's input embedding space: (b, num_query_tokens, embed_dim),
     32 tokens per image at full size, inserted where a prompt says ``<ImageHere>``.
 
+    Weights come from one of two places: a transformers BLIP-2 checkpoint (``name_or_path``), or
+    the LAVIS files MiniGPT-4 loads (``lavis_vit`` + ``lavis_qformer``; then ``name_or_path``, if
+    given, names only the architecture). Either way every tensor is checked (name, shape) and
+    nothing is copied unless all of them have a value.
+
     Args:
-        name_or_path: Hub id or local folder of a BLIP-2 checkpoint (MiniGPT-4 uses
-            ``Salesforce/blip2-flan-t5-xxl``). Only ``vision_model.*``, ``qformer.*`` and
-            ``query_tokens`` are read; the language model in the checkpoint is never loaded.
-        projection: File with MiniGPT-4's projection weights (``llama_proj.weight``,
-            ``llama_proj.bias``, at top level or under ``"model"``, as in
-            ``pretrained_minigpt4.pth``), loaded with ``weights_only=True``. None: a random
+        name_or_path: Hub id or local folder of a transformers BLIP-2 checkpoint (MiniGPT-4's
+            Q-Former is ``Salesforce/blip2-flan-t5-xxl``'s). Only ``vision_model.*``, ``qformer.*``
+            and ``query_tokens`` are read; the language model in it is never loaded. With
+            ``lavis_*`` files: the architecture only (default: BLIP-2 FlanT5-XXL's, bundled).
+        projection: MiniGPT-4's checkpoint with ``llama_proj.weight`` / ``.bias`` (at top level or
+            under ``"model"``, as in ``prerained_minigpt4_7b.pth``), loaded last, as MiniGPT-4
+            does: visual-path tensors it also holds replace the earlier ones. None: a random
             projection (tests, dry runs, or training one yourself).
+        lavis_vit: LAVIS's EVA ViT-g file (``eva_vit_g.pth``: EVA's own key names, 40 blocks of
+            which the first ``num_hidden_layers`` (39) are used).
+        lavis_qformer: LAVIS's BLIP-2 file MiniGPT-4 uses (``blip2_pretrained_flant5xxl.pth``:
+            ``Qformer.bert.*``, ``query_tokens``, ``ln_vision.*`` under ``"model"``), loaded after
+            ``lavis_vit``. Give both: ``ln_vision`` and the Q-Former are only in this file.
+        ln_vision_eps: eps of the LayerNorm between the ViT and the Q-Former (``post_layernorm``):
+            LAVIS's 1e-5 (transformers would use the blocks' 1e-6).
         config: For random weights: ``{"vision_config": {...}, "qformer_config": {...},
             "num_query_tokens": n}``, or overrides of ``name_or_path``'s values.
-        random_weights: Build ``name_or_path``'s architecture with random weights.
-        dtype: dtype of the frozen weights.
+        random_weights: Build the architecture with random weights (no file is read but
+            ``projection``).
+        dtype: dtype of the frozen weights. The LAVIS ViT file is fp16: float32 holds it exactly.
     """
 
     def __init__(
         self,
         name_or_path: str | None = None,
         projection: str | None = None,
+        lavis_vit: str | None = None,
+        lavis_qformer: str | None = None,
+        ln_vision_eps: float = LN_VISION_EPS,
         config: dict | None = None,
         random_weights: bool = False,
         dtype: str = "float32",
@@ -73,6 +99,9 @@ class QFormerEncoder(VisualEncoder):
         super().__init__()
         self.name_or_path = resolve_name(name_or_path)
         self.projection_path = projection
+        self.lavis_vit = lavis_vit
+        self.lavis_qformer = lavis_qformer
+        self.ln_vision_eps = ln_vision_eps
         self.config_overrides = config
         self.random_weights = random_weights
         self.dtype = getattr(torch, dtype)
@@ -80,8 +109,13 @@ class QFormerEncoder(VisualEncoder):
         self.qformer: nn.Module | None = None
         self.query_tokens: nn.Parameter | None = None
         self.llama_proj: nn.Linear | None = None
+        self.load_summary: list[str] = []  # where each loaded tensor came from (or why one was not used)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def uses_lavis(self) -> bool:
+        return self.lavis_vit is not None or self.lavis_qformer is not None
 
     # -- building --------------------------------------------------------------------------------
     def configure(self, embed_dim: int) -> None:
@@ -90,27 +124,49 @@ class QFormerEncoder(VisualEncoder):
             return
         from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
-        random = random_weights_requested(self.random_weights) or self.name_or_path is None
         vision_values, qformer_values, n_queries = self._config_values()
         vision_config = Blip2VisionConfig(**vision_values)
-        qformer_values.setdefault("encoder_hidden_size", vision_config.hidden_size)
+        qformer_values["encoder_hidden_size"] = vision_config.hidden_size  # cross-attention reads the ViT
         qformer_config = Blip2QFormerConfig(**qformer_values)
         self.vision_model = Blip2VisionModel(vision_config)
+        self.vision_model.post_layernorm.eps = self.ln_vision_eps  # LAVIS's ln_vision (see lavis.py)
         self.qformer = Blip2QFormerModel(qformer_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, n_queries, qformer_config.hidden_size))
         nn.init.normal_(self.query_tokens, std=qformer_config.initializer_range)
         self.llama_proj = nn.Linear(qformer_config.hidden_size, embed_dim)
-        if not random:
-            self._load_blip2(self.name_or_path)
-        if self.projection_path is not None and not random_weights_requested(False):
-            self._load_projection(self.projection_path)
+        self._load_weights()
         self.to(self.dtype)
         self.requires_grad_(False)
         self.train(self.training)
 
+    def _load_weights(self) -> None:
+        """Plan every source tensor (BLIP-2 folder or LAVIS files, then the projection file), check
+        that the backbone (and, with ``projection``, ``llama_proj``) is complete, then copy."""
+        random = random_weights_requested(self.random_weights)
+        backbone = not random and (self.uses_lavis or self.name_or_path is not None)
+        projection = self.projection_path is not None and not random_weights_requested(False)
+        if not backbone and not projection:
+            return
+        load = LavisLoad(self)
+        if backbone and self.uses_lavis:
+            if self.lavis_vit is not None:
+                load.add_lavis(self.lavis_vit, bare_eva=True)
+            if self.lavis_qformer is not None:
+                load.add_lavis(self.lavis_qformer)
+        elif backbone:
+            folder = self._blip2_folder(self.name_or_path)
+            load.add_named(folder.name, _read_checkpoint_keys(folder, ("vision_model.", "qformer.", "query_tokens")))
+        if projection:
+            load.add_lavis(self.projection_path)
+        own = list(self.state_dict())
+        required = [n for n in own if not n.startswith("llama_proj.")] if backbone else []
+        required += [n for n in own if n.startswith("llama_proj.")] if projection else []
+        load.apply(required)
+        self.load_summary = load.summary
+
     def _config_values(self) -> tuple[dict, dict, int]:
         overrides = dict(self.config_overrides or {})
-        name = self.name_or_path
+        name = self.name_or_path or (BLIP2_FLAN_T5_XXL if self.uses_lavis else None)
         if name is not None and os.path.isdir(name):
             from transformers import Blip2Config
 
@@ -143,40 +199,14 @@ class QFormerEncoder(VisualEncoder):
         n_queries = overrides.get("num_query_tokens", base.get("num_query_tokens", 32))
         return vision, qformer, int(n_queries)
 
-    def _load_blip2(self, name_or_path: str) -> None:
-        """Read only the vision model, Q-Former and query tokens from a BLIP-2 checkpoint."""
+    @staticmethod
+    def _blip2_folder(name_or_path: str) -> Path:
         folder = Path(name_or_path)
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
 
             folder = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"]))
-        wanted = ("vision_model.", "qformer.", "query_tokens")
-        state = _read_checkpoint_keys(folder, wanted)
-        own = {"query_tokens": self.query_tokens}
-        own.update({f"vision_model.{k}": v for k, v in self.vision_model.state_dict().items()})
-        own.update({f"qformer.{k}": v for k, v in self.qformer.state_dict().items()})
-        missing = sorted(set(own) - set(state))
-        if missing:
-            raise ConfigError(f"{folder}: BLIP-2 checkpoint lacks {missing[:6]}{'...' if len(missing) > 6 else ''}")
-        with torch.no_grad():
-            for key, target in own.items():
-                if state[key].shape != target.shape:
-                    raise ConfigError(f"{folder}: {key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}")
-                target.copy_(state[key])
-
-    def _load_projection(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        try:
-            weight, bias = state["llama_proj.weight"], state["llama_proj.bias"]
-        except KeyError:
-            raise ConfigError(f"{path}: no llama_proj.weight / llama_proj.bias (keys: {sorted(state)[:8]})") from None
-        if weight.shape != self.llama_proj.weight.shape:
-            raise ConfigError(f"{path}: llama_proj.weight is {tuple(weight.shape)}, expected {tuple(self.llama_proj.weight.shape)}")
-        with torch.no_grad():
-            self.llama_proj.weight.copy_(weight)
-            self.llama_proj.bias.copy_(bias)
+        return folder
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -36,9 +36,9 @@ class RetrievalHead(OutputHead):
 
     def embed_text(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: (b, text_dim) at the retrieval token -> (b, embed_dim), L2-normalised
-        x = F.dropout(self.text_proj(hidden), self.dropout, self.training)
+        x = F.dropout(self.text_proj(self.own_dtype(hidden)), self.dropout, self.training)
         return F.normalize(x, dim=-1)
 
     def embed_image(self, features: torch.Tensor) -> torch.Tensor:
         # features: (b, 1, image_dim) pooled -> (b, embed_dim), L2-normalised
-        return F.normalize(self.image_proj(features.flatten(1)), dim=-1)
+        return F.normalize(self.image_proj(self.own_dtype(features).flatten(1)), dim=-1)

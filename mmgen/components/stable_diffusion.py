@@ -34,6 +34,14 @@ from mmgen.errors import ConfigError
 
 PARTS = ("text_encoder", "unet", "vae")
 
+# Short names of diffusers schedulers for generation (``StableDiffusion.generate(scheduler=...)``).
+SCHEDULERS = {
+    "dpm": "DPMSolverMultistepScheduler",  # fast: about 25 steps
+    "pndm": "PNDMScheduler",  # SD's own, 50 steps in the papers
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
 # Architecture fields of the published diffusers configs (values as published on the hub).
 _SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -129,7 +137,7 @@ class StableDiffusion(ImageGenerator):
         self.config_overrides = copy.deepcopy(config) if config else None
         self.random_weights = random_weights
         self.tokenizer_name = resolve_name(tokenizer)
-        self.dtype = getattr(torch, dtype)
+        self.build_dtype = getattr(torch, dtype)  # of parts when built; see `dtype`
         self.resolution = resolution
         self.seed = seed
         self.tokenizer = None
@@ -139,6 +147,16 @@ class StableDiffusion(ImageGenerator):
         self.scheduler = None
         self._configs: dict[str, Any] | None = None
         self._random = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the built parts are in now: the strategy or precision plugin may have cast
+        them after building (``precision: bf16-true``), so it is read, never cached."""
+        for part in PARTS:
+            module = getattr(self, part)
+            if module is not None:
+                return next(module.parameters()).dtype
+        return self.build_dtype
 
     # -- building --------------------------------------------------------------------------------
     def configure(self, parts: Iterable[str] | None = None) -> None:
@@ -157,7 +175,7 @@ class StableDiffusion(ImageGenerator):
             if getattr(self, part) is None:
                 module = self._build(part)
                 if module.dtype != self.dtype:  # random builds; pretrained ones load in dtype
-                    module = module.to(self.dtype)
+                    module = module.to(self.dtype)  # (and a lazily built part joins the others)
                 module = module.requires_grad_(False).eval()
                 setattr(self, part, module)
                 if part == "text_encoder":
@@ -210,9 +228,9 @@ class StableDiffusion(ImageGenerator):
         config = {k: v for k, v in self._configs[part].items() if not k.startswith("_")}
         if not self._random:
             if part == "text_encoder":
-                return CLIPTextModel.from_pretrained(self.name_or_path, subfolder="text_encoder", dtype=self.dtype)
+                return CLIPTextModel.from_pretrained(self.name_or_path, subfolder="text_encoder", dtype=self.build_dtype)
             cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
-            return cls.from_pretrained(self.name_or_path, subfolder=part, torch_dtype=self.dtype)
+            return cls.from_pretrained(self.name_or_path, subfolder=part, torch_dtype=self.build_dtype)
         with torch.random.fork_rng(devices=[]):  # seeded, and the caller's random state untouched
             torch.manual_seed(self.seed + PARTS.index(part))
             if part == "text_encoder":
@@ -320,34 +338,74 @@ class StableDiffusion(ImageGenerator):
         weight = torch.clamp(snr, max=snr_gamma) / denominator
         return (per_sample * weight).mean()
 
+    def _place(self, parts: Iterable[str], device: torch.device) -> None:
+        """Build ``parts`` if needed and move them to ``device`` in this generator's dtype: parts
+        built lazily (after the model was moved) start on the CPU."""
+        self.configure(parts=parts)
+        for part in parts:
+            module = getattr(self, part)
+            if self._device(module) != device or next(module.parameters()).dtype != self.dtype:
+                setattr(self, part, module.to(device=device, dtype=self.dtype))
+
+    def inference_scheduler(self, scheduler: str | None = "dpm"):
+        """A fresh scheduler (it keeps per-run timestep state) from this model's scheduler config:
+        ``"dpm"`` (DPMSolverMultistepScheduler: good images in about 25 steps), ``"pndm"`` (the
+        papers' 50-step sampler, SD's default), ``"ddim"``, ``"euler"``, any diffusers scheduler
+        class name, or None for the model's own configured scheduler."""
+        import diffusers
+
+        config = dict(self.scheduler.config)
+        if scheduler is None:
+            return type(self.scheduler).from_config(config)
+        name = SCHEDULERS.get(scheduler.lower(), scheduler)
+        cls = getattr(diffusers, name, None)
+        if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
+            raise ConfigError(f"unknown scheduler {scheduler!r}: use one of {sorted(SCHEDULERS)} or a diffusers "
+                              "scheduler class name")
+        if name == "PNDMScheduler":
+            config.setdefault("skip_prk_steps", True)  # as Stable Diffusion's own PNDM config
+        return cls.from_config(config)
+
     @torch.no_grad()
     def generate(
         self,
         prompt_embeds: torch.Tensor,
         negative_prompt_embeds: torch.Tensor | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         height: int | None = None,
         width: int | None = None,
+        scheduler: str | None = "dpm",
+        seeds: list[int] | None = None,
     ) -> torch.Tensor:
-        """Images (b, 3, h, w) in [0, 1] from ``prompt_embeds`` (b, 77, text_embed_dim).
+        """Images (b, 3, h, w) in [0, 1] from ``prompt_embeds`` (b, 77, text_embed_dim), one
+        batched diffusion run on ``prompt_embeds``' device.
 
-        ``negative_prompt_embeds`` default: SD's own embedding of the empty prompt (what GILL uses
-        as the unconditional branch); it needs the text encoder."""
+        ``negative_prompt_embeds`` (b or 1, 77, d) default: SD's own embedding of the empty
+        prompt (what GILL uses as the unconditional branch); it needs the text encoder.
+        ``seeds``: one per image (each image's noise from its own generator, so an image does not
+        depend on its batch), instead of ``generator``. ``scheduler``: see
+        :meth:`inference_scheduler` (default DPM-Solver; "pndm" with 50 steps is the papers')."""
         from diffusers import StableDiffusionPipeline
 
-        self.configure(parts=("unet", "vae"))
+        b, device = prompt_embeds.shape[0], prompt_embeds.device
+        if seeds is not None:
+            if len(seeds) != b:
+                raise ValueError(f"{len(seeds)} seeds for {b} images")
+            generator = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        self._place(("unet", "vae"), device)
         if negative_prompt_embeds is None:
-            empty = self.encode_captions([""]).to(prompt_embeds.device)
-            negative_prompt_embeds = empty.expand(prompt_embeds.shape[0], -1, -1)
+            self._place(("text_encoder",), device)
+            negative_prompt_embeds = self.encode_captions([""])
+        if negative_prompt_embeds.shape[0] == 1 and b > 1:
+            negative_prompt_embeds = negative_prompt_embeds.expand(b, -1, -1)
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=None, tokenizer=None, unet=self.unet,
-            scheduler=self._build_scheduler(dict(self.scheduler.config)),  # its own timestep state
+            scheduler=self.inference_scheduler(scheduler),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
-        device = self._device(self.unet)
         out = pipe(
             prompt_embeds=prompt_embeds.to(device, self.dtype),
             negative_prompt_embeds=negative_prompt_embeds.to(device, self.dtype),

@@ -28,4 +28,4 @@ class LinearVisualPrefix(InputProjection):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # features: (b, 1, feature_dim), a pooled vector per image
         b = features.shape[0]
-        return self.proj(features.reshape(b, -1)).view(b, self.n_tokens, -1)  # (b, k, embed_dim)
+        return self.proj(self.own_dtype(features).reshape(b, -1)).view(b, self.n_tokens, -1)  # (b, k, embed_dim)

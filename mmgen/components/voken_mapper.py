@@ -91,7 +91,7 @@ class VokenMapper(OutputHead):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # features: (n, k, in_dim), the hidden states that predict the k vokens of n images
-        src = self.fc(features.to(self.fc[0].weight.dtype))  # (n, k, d)
+        src = self.fc(self.own_dtype(features))  # (n, k, d)
         return self.transformer(src=src, tgt=self.queries(features.shape[0]))  # (n, 77, d)
 
     def zero_features(self, n: int, k: int) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""The official GILL release -> mmgen's GILL and its decision stage (REFERENCE.md sec. 3; table in
+"""The official GILL release -> mmgen's GILL and its decision stage (table in
 docs/weights.md).
 
 Release folder: ``model_args.json``, ``pretrained_ckpt.pth.tar`` (bf16) and, optionally,
-``decision_model.pth.tar`` (saved on a GPU; read with map_location="cpu"):
+``decision_model.pth.tar`` (saved on a GPU; read with map_location="cpu"). ``--release`` may also
+be the weights file itself; ``--model_args`` and ``--decision`` name the other files where they
+are not beside it. A leading ``module.`` (DataParallel) on a key is ignored.
 
     model.logit_scale                        -> retrieval_head.logit_scale
     model.visual_embeddings.{weight,bias}    -> visual_prefix.proj.{weight,bias}      (d*4, f)
@@ -10,7 +12,9 @@ Release folder: ``model_args.json``, ``pretrained_ckpt.pth.tar`` (bf16) and, opt
     model.ret_text_hidden_fcs.0.model.*      -> retrieval_head.text_proj.*
     model.gen_text_hidden_fcs.0.<name>       -> gen_mapper.<name>  (fc.*, tfm.*, model.*, query_embs:
                                                 GILLMapper keeps the reference's names)
-    model.input_embeddings.weight (r, d)     -> the [IMG0..r-1] rows of the LLM's new token rows
+    model.input_embeddings.weight (r, d)     -> the rows of [IMG0]..[IMG{r-1}] among the LLM's new token
+                                                rows (found by token: mmgen's vocabulary, like the
+                                                official one, also has the frozen <|image|>)
     decision_model.pth.tar 1.{weight,bias}   -> decision_head.head.1.{weight,bias}    (2, d), (2,)
 
 The GILL model is written to ``out``; with a decision model, a GILLDecisionStage folder is
@@ -24,12 +28,14 @@ from pathlib import Path
 
 import torch
 
-from mmgen.convert import Conversion, release_state, token_row_params
-from mmgen.convert.fromage import BACKBONE_PREFIXES, read_model_args, shared_components
+from mmgen.convert import Conversion, release_state, set_backbones, token_row_params, token_rows
+from mmgen.convert.fromage import (BACKBONE_PREFIXES, WEIGHTS_FILES, read_model_args, read_weights, release_paths,
+                                   shared_components)
 from mmgen.errors import ConfigError
 
-WEIGHTS_FILE = "pretrained_ckpt.pth.tar"
 DECISION_FILE = "decision_model.pth.tar"
+#: the official image generator (GILL's SD v1.5)
+DEFAULT_GENERATOR = "runwayml/stable-diffusion-v1-5"
 
 DIRECT = {
     "model.logit_scale": "retrieval_head.logit_scale",
@@ -45,14 +51,17 @@ IMG_ROWS = "model.input_embeddings.weight"
 DECISION = {"1.weight": "decision_head.head.1.weight", "1.bias": "decision_head.head.1.bias"}
 
 
-def default_config(args: dict) -> dict:
-    """The mmgen GILL config matching a release's ``model_args.json`` (backbones by hub id)."""
+def default_config(args: dict, llm: str | None = None, visual_encoder: str | None = None,
+                   generator: str | None = None, dtype: str | None = None) -> dict:
+    """The mmgen GILL config matching a release's ``model_args.json`` (backbones by the options,
+    else model_args', else the official hub ids; float32 unless ``dtype``)."""
+    dtype = dtype or "float32"
     return {
         "class_path": "mmgen.methods.gill.GILL",
         "init_args": {
-            **shared_components(args, n_visual_tokens=4),
+            **shared_components(args, 4, llm, visual_encoder, dtype),
             "image_generator": {"class_path": "mmgen.components.stable_diffusion.StableDiffusion",
-                                "init_args": {"name_or_path": "runwayml/stable-diffusion-v1-5"}},
+                                "init_args": {"name_or_path": generator or DEFAULT_GENERATOR, "dtype": dtype}},
             "n_img_tokens": int(args.get("num_tokens", 8)),
             "precomputed_captions": True,
         },
@@ -71,21 +80,30 @@ def check_args(args: dict, model) -> None:
         raise ConfigError(f"model_args.json: text_fc_mode={mode!r}; mmgen's GILL uses the GILLMapper")
 
 
-def convert(release: str | Path, config: dict | None = None):
+def convert(release: str | Path, config: dict | None = None, model_args: str | Path | None = None,
+            decision: str | Path | None = None, llm: str | None = None, visual_encoder: str | None = None,
+            generator: str | None = None, dtype: str | None = None):
     """Returns (configured GILL holding the release's tensors, its config, Conversion). With a
-    decision model in the release, the Conversion's ``decision`` is (GILLDecisionStage, config)."""
+    decision model (``decision``, or decision_model.pth.tar beside the weights), the
+    Conversion's ``decision`` is (GILLDecisionStage, config, its Conversion)."""
     from mmgen.pretrained import build_model
 
-    release = Path(release)
-    args = read_model_args(release)
-    state = release_state(release / WEIGHTS_FILE)
-    decision_state = release_state(release / DECISION_FILE) if (release / DECISION_FILE).exists() else None
-    config = config or default_config(args)
+    weights, args_path = release_paths(release, model_args, WEIGHTS_FILES)
+    args = read_model_args(args_path)
+    duplicates: list[tuple[str, str]] = []
+    state = read_weights(weights, duplicates)
+    decision_path = Path(decision) if decision is not None else weights.parent / DECISION_FILE
+    decision_state = release_state(decision_path) if decision is not None or decision_path.exists() else None
+    if config is None:
+        config = default_config(args, llm, visual_encoder, generator, dtype)
+    else:
+        config = set_backbones(config, llm=llm, visual_encoder=visual_encoder, image_generator=generator, dtype=dtype)
     model = build_model(config)
     model.configure_model()
     check_args(args, model)
 
-    conversion = Conversion(model, f"{release / WEIGHTS_FILE}")
+    conversion = Conversion(model, str(weights))
+    conversion.reported += duplicates
     for key, target in DIRECT.items():
         if key in state:
             conversion.place(key, state[key], target)
@@ -96,15 +114,16 @@ def convert(release: str | Path, config: dict | None = None):
         elif key.startswith(BACKBONE_PREFIXES):
             conversion.report(key, "frozen backbone weight: the model loads it from the backbone's source")
     if IMG_ROWS in state:
-        for rows in token_row_params(model).values():  # input rows; an untied LM head's too
-            conversion.place_rows(IMG_ROWS, state[IMG_ROWS], rows, list(range(model.n_img_tokens)))
-    decision = None
+        rows = token_rows(model, [f"[IMG{i}]" for i in range(model.n_img_tokens)])  # by token, not position
+        for target in token_row_params(model).values():  # input rows; an untied LM head's too
+            conversion.place_rows(IMG_ROWS, state[IMG_ROWS], target, rows)
+    stage = None
     if decision_state is not None:  # checked in full before anything is copied
-        decision = _decision_stage(config, model, decision_state, release / DECISION_FILE)
-    conversion.apply({WEIGHTS_FILE: list(state)})
-    if decision is not None:
-        decision[2].apply({DECISION_FILE: list(decision_state)})
-        conversion.decision = decision
+        stage = _decision_stage(config, model, decision_state, decision_path)
+    conversion.apply({weights.name: list(state) + [k for k, _ in duplicates]})
+    if stage is not None:
+        stage[2].apply({decision_path.name: list(decision_state)})
+        conversion.decision = stage
     return model, config, conversion
 
 

@@ -1,13 +1,20 @@
-"""The official MiniGPT-5 release -> mmgen's MiniGPT5 (REFERENCE.md sec. 4 and 8; table in
+"""The official MiniGPT-5 release -> mmgen's MiniGPT5 (table in
 docs/weights.md).
 
 Release folder: ``stage1_cc3m.ckpt`` and, for stage 2, ``stage2_vist.ckpt`` or
 ``stage2_mmdialog.ckpt``: fp32 Lightning checkpoints ``{'state_dict': ...}`` pruned to the
 parameters that trained in that stage. Stage 2 needs stage 1: its ``fc`` and query sequence were
 frozen in stage 2 and are only in the stage-1 file; a tensor in both files comes from stage 2.
-Optionally MiniGPT-4's ``prerained_minigpt4_7b.pth`` (sic; or ``pretrained_minigpt4_7b.pth``):
-``QFormerEncoder`` reads its ``llama_proj`` itself (``visual_encoder.projection``), so it is
-checked here and named in the config, not copied.
+``--release`` may also be one checkpoint file (as the official ``--test_weight``): a stage-2 one
+(it holds LoRA tensors) then needs ``--stage1`` or ``stage1_cc3m.ckpt`` beside it. ``--stage1`` /
+``--stage2`` name the files explicitly.
+
+MiniGPT-4's visual path is frozen and loaded by ``QFormerEncoder`` itself, so its files are named
+in the written config, not copied: ``--projection`` (MiniGPT-4's ``prerained_minigpt4_7b.pth``,
+sic, or ``pretrained_minigpt4_7b.pth``: ``llama_proj``), and, to load the LAVIS files MiniGPT-4
+loads instead of a transformers BLIP-2 checkpoint, ``--lavis_vit`` (``eva_vit_g.pth``) and
+``--lavis_qformer`` (``blip2_pretrained_flant5xxl.pth``). Each defaults to the file of that name
+in the release folder, if present, and is checked before the model is built.
 
 Keys (a leading ``model.`` before any of them is tolerated; the LLM may be wrapped by peft,
 ``llama_model.base_model.model.<hf name>``, with or without peft's adapter name ``.default``):
@@ -37,13 +44,20 @@ from pathlib import Path
 
 import torch
 
-from mmgen.convert import Conversion, load_release_file, release_state, token_row_params
+from mmgen.convert import Conversion, load_release_file, release_state, set_backbones, token_row_params, token_rows
 from mmgen.errors import ConfigError
 
 STAGE1_FILE = "stage1_cc3m.ckpt"
 STAGE2_FILES = {"stage2_vist": "stage2_vist.ckpt", "stage2_mmdialog": "stage2_mmdialog.ckpt"}
 #: MiniGPT-4's projection file, as MiniGPT-4 names it (sic) and as mmgen's configs spell it.
 PROJECTION_FILES = ("prerained_minigpt4_7b.pth", "pretrained_minigpt4_7b.pth")
+#: the LAVIS files MiniGPT-4 loads its visual path from (QFormerEncoder's lavis_vit / lavis_qformer)
+LAVIS_FILES = {"lavis_vit": ("eva_vit_g.pth",), "lavis_qformer": ("blip2_pretrained_flant5xxl.pth",)}
+#: the official backbones: Vicuna-7B v0 as MiniGPT-4 publishes it merged (MiniGPT-5's README),
+#: BLIP-2 FlanT5-XXL's vision model and Q-Former, Stable Diffusion 2.1 base
+DEFAULT_LLM = "Vision-CAIR/vicuna-7b"
+DEFAULT_VISUAL_ENCODER = "Salesforce/blip2-flan-t5-xxl"
+DEFAULT_GENERATOR = "stabilityai/stable-diffusion-2-1-base"
 
 #: top-level names of the reference's Lightning module (``MiniGPT5_Model``) and its ``model``
 TOP = ("llama_model.", "fc.", "llm_to_t2i_mapping.", "t2i_decoder_prompt")
@@ -61,23 +75,25 @@ HEAD = re.compile(r"^lm_head\.(?:modules_to_save\.(?:[\w-]+\.)?)?weight$")
 LORA = re.compile(r"^(model\.layers\.\d+\..+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
-def default_config(projection: str | None = None) -> dict:
-    """The full-size mmgen MiniGPT-5 model (configs/minigpt5_stage2.yaml's, without init_from).
-    The LLM must be the merged Vicuna-7B v0 that MiniGPT-4 uses: give ``--config`` with its
-    folder, since no hub id holds the merged weights."""
+def default_config(projection: str | None = None, llm: str | None = None, visual_encoder: str | None = None,
+                   generator: str | None = None, dtype: str | None = None) -> dict:
+    """The full-size mmgen MiniGPT-5 model (configs/minigpt5_stage2.yaml's architecture, without
+    init_from), its backbones named by the options, else the official hub ids; frozen weights
+    in ``dtype`` (float32 unless asked)."""
+    dtype = dtype or "float32"
     return {
         "class_path": "mmgen.methods.minigpt5.MiniGPT5",
         "init_args": {
             "llm": {"class_path": "mmgen.components.causal_lm.CausalLM",
-                    "init_args": {"name_or_path": "lmsys/vicuna-7b-delta-v0", "dtype": "bfloat16",
+                    "init_args": {"name_or_path": llm or DEFAULT_LLM, "dtype": dtype,
                                   "adapter": {"class_path": "mmgen.components.lora.LoRA",
                                               "init_args": {"r": 8, "alpha": 16, "dropout": 0.05,
                                                             "target_modules": ["q_proj", "v_proj"]}}}},
             "visual_encoder": {"class_path": "mmgen.components.qformer.QFormerEncoder",
-                               "init_args": {"name_or_path": "Salesforce/blip2-flan-t5-xxl",
-                                             "projection": projection, "dtype": "bfloat16"}},
+                               "init_args": {"name_or_path": visual_encoder or DEFAULT_VISUAL_ENCODER,
+                                             "projection": projection, "dtype": dtype}},
             "generator": {"class_path": "mmgen.components.stable_diffusion.StableDiffusion",
-                          "init_args": {"name_or_path": "stabilityai/stable-diffusion-2-1-base", "dtype": "bfloat16"}},
+                          "init_args": {"name_or_path": generator or DEFAULT_GENERATOR, "dtype": dtype}},
             "mapper": {"class_path": "mmgen.components.voken_mapper.VokenMapper",
                        "init_args": {"n_queries": 77, "num_heads": 8, "num_encoder_layers": 4,
                                      "num_decoder_layers": 4, "ff_mult": 4, "cfg_drop_prob": 0.1}},
@@ -143,10 +159,6 @@ def adapter_name(model) -> str:
     return names.pop() if len(names) == 1 else "default"
 
 
-def find_projection(release: Path) -> Path | None:
-    return next((release / n for n in PROJECTION_FILES if (release / n).is_file()), None)
-
-
 def check_projection(path: str | Path) -> list[str]:
     """MiniGPT-4's projection file, read as QFormerEncoder reads it (clear errors before the model
     is built); returns its keys."""
@@ -160,43 +172,102 @@ def check_projection(path: str | Path) -> list[str]:
     return [f"model.{k}" if state is not data else k for k in state]
 
 
-def prepare_config(config: dict, release: Path) -> tuple[dict, Path | None]:
-    """The config to build: ``init_from`` dropped (the release is the initialisation) and
-    ``visual_encoder.projection`` set to the release's MiniGPT-4 file where it names none."""
+def release_files(release: str | Path, stage: str | None = None, stage1: str | Path | None = None,
+                  stage2: str | Path | None = None, read=release_state) -> tuple[Path, list[Path]]:
+    """(the folder other files default to, [stage-1 file, stage-2 file if any]) from ``--release``
+    (a folder, or the checkpoint to convert), ``--stage``, ``--stage1`` and ``--stage2``.
+    ``read(path)``: the state-dict reader (the caller's, so a checkpoint is read once)."""
+    release = Path(release)
+    second = stage_file(stage)
+    if release.is_file():
+        if stage2 is not None or second is not None:
+            raise ConfigError(f"{release}: --release is a checkpoint file, so it is the one converted; "
+                              "--stage / --stage2 name a file of a release folder")
+        if stage1 is None and not _is_stage2(read(release)):
+            return release.parent, [release]
+        return release.parent, [Path(stage1) if stage1 else release.parent / STAGE1_FILE, release]
+    if not release.is_dir():
+        raise ConfigError(f"{release}: no such release folder or checkpoint file")
+    if stage2 is not None and second is not None:
+        raise ConfigError("give --stage or --stage2, not both")
+    files = [Path(stage1) if stage1 else release / STAGE1_FILE]
+    if stage2 is not None or second is not None:
+        files.append(Path(stage2) if stage2 else release / second)
+    return release, files
+
+
+def _is_stage2(state: dict) -> bool:
+    """A stage-2 checkpoint holds LoRA (or peft's modules_to_save) tensors; stage 1 none."""
+    return any(".lora_" in k or "modules_to_save" in k for k in state)
+
+
+def prepare_config(config: dict, folder: Path, files: dict[str, str | None]) -> tuple[dict, dict[str, Path]]:
+    """The config to build: ``init_from`` dropped (the release is the initialisation) and the
+    visual encoder's files (``projection``, ``lavis_vit``, ``lavis_qformer``) set from ``files``
+    (the options), else kept from the config, else the release folder's file of that name.
+    Returns the config and the files it names, each checked to exist."""
     config = copy.deepcopy(config)
     args = config.setdefault("init_args", {})
     args["init_from"] = None
-    projection = find_projection(release)
     encoder = args.get("visual_encoder")
-    if isinstance(encoder, dict):
-        encoder_args = encoder.setdefault("init_args", {})
-        if encoder_args.get("projection") is None and projection is not None:
-            encoder_args["projection"] = str(projection.resolve())
-        named = encoder_args.get("projection")
-        return config, Path(named) if named else None
-    return config, None
+    named: dict[str, Path] = {}
+    if not isinstance(encoder, dict):
+        if any(files.values()):
+            raise ConfigError(f"the model has no visual_encoder to load {sorted(k for k, v in files.items() if v)} into")
+        return config, named
+    encoder_args = encoder.setdefault("init_args", {})
+    defaults = {"projection": PROJECTION_FILES, **LAVIS_FILES}
+    for option, names in defaults.items():
+        path = files.get(option) or encoder_args.get(option)
+        if path is None:
+            found = next((folder / n for n in names if (folder / n).is_file()), None)
+            path = str(found.resolve()) if found is not None else None
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"{path}: the visual encoder's {option} file does not exist")
+            encoder_args[option] = str(path)
+            named[option] = Path(path)
+    return config, named
 
 
-def convert(release: str | Path, config: dict | None = None, stage: str | None = None):
+def convert(release: str | Path, config: dict | None = None, stage: str | None = None,
+            stage1: str | Path | None = None, stage2: str | Path | None = None,
+            projection: str | Path | None = None, lavis_vit: str | Path | None = None,
+            lavis_qformer: str | Path | None = None, llm: str | None = None, visual_encoder: str | None = None,
+            generator: str | None = None, dtype: str | None = None):
     """Returns (configured MiniGPT5 holding the release's tensors, its config, Conversion).
-    ``stage``: None (stage 1 only), ``stage2_vist`` or ``stage2_mmdialog``."""
+    ``stage``: None (stage 1 only), ``stage2_vist`` or ``stage2_mmdialog``; or the files by
+    ``stage1`` / ``stage2`` / a checkpoint file as ``release``."""
     from mmgen.pretrained import build_model
 
-    release = Path(release)
-    second = stage_file(stage)
-    files = [STAGE1_FILE] + ([second] if second else [])
-    states = {name: release_state(release / name) for name in files}  # read first: bad files fail fast
-    config, projection = prepare_config(config or default_config(), release)
-    projection_keys = check_projection(projection) if projection is not None else []
+    read: dict[Path, dict] = {}
+
+    def read_once(path: Path) -> dict:
+        if path not in read:
+            read[path] = release_state(path)
+        return read[path]
+
+    folder, paths = release_files(release, stage, stage1, stage2, read_once)
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"the stage-1 and stage-2 files have the same name ({names[0]}): rename one")
+    states = {p.name: read_once(p) for p in paths}  # read first: bad files fail fast
+    if config is None:
+        config = default_config(llm=llm, visual_encoder=visual_encoder, generator=generator, dtype=dtype)
+    else:
+        config = set_backbones(config, llm=llm, visual_encoder=visual_encoder, generator=generator, dtype=dtype)
+    config, visual_files = prepare_config(config, folder, {"projection": projection, "lavis_vit": lavis_vit,
+                                                           "lavis_qformer": lavis_qformer})
+    projection_keys = check_projection(visual_files["projection"]) if "projection" in visual_files else []
     model = build_model(config)
     model.configure_model()
 
-    conversion = Conversion(model, f"{release}")
+    conversion = Conversion(model, str(folder))
     rows = token_row_params(model)
     new_rows = _new_row_order(model)
     plan: dict[str, tuple[str, str, torch.Tensor]] = {}  # target -> (label, how, tensor)
     unknown = []
-    for name in files:  # stage 2 after stage 1: its tensors take precedence
+    for name in names:  # stage 2 after stage 1: its tensors take precedence
         for key, tensor in states[name].items():
             label = f"{name}:{key}"
             kind, target, why = classify(key, model, rows)
@@ -212,43 +283,46 @@ def convert(release: str | Path, config: dict | None = None, stage: str | None =
                     conversion.report(plan[target][0], f"superseded by {label}")
                 plan[target] = (label, kind, tensor)
     if unknown:
-        raise ConfigError(f"{release}: keys with no place in the mmgen model (nothing was loaded): {unknown[:10]}")
+        raise ConfigError(f"{folder}: keys with no place in the mmgen model (nothing was loaded): {unknown[:10]}")
     for target, (label, kind, tensor) in plan.items():
         if kind == "rows":
             conversion.place_rows(label, tensor, target, new_rows)
         else:
             conversion.place(label, tensor, target)
     for key in projection_keys:
-        conversion.report(f"{Path(projection).name}:{key}", "frozen: QFormerEncoder loads it from this file "
+        conversion.report(f"{visual_files['projection'].name}:{key}", "frozen: QFormerEncoder loads it from this file "
                           "(visual_encoder.projection in the config)")
+    for option in LAVIS_FILES:
+        if option in visual_files:
+            conversion.report(visual_files[option].name, f"frozen: QFormerEncoder loads it (visual_encoder.{option} in "
+                              "the config; mmgen.components.lavis maps its keys)")
     adapter = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in model.parameter_groups()["adapter"]}}
-    conversion.apply({name: [f"{name}:{k}" for k in states[name]] for name in files},
-                     allow_fresh=tuple(sorted(adapter)) if second is None else ())
+    conversion.apply({name: [f"{name}:{k}" for k in states[name]] for name in names},
+                     allow_fresh=tuple(sorted(adapter)) if len(paths) == 1 else ())
     return model, config, conversion
 
 
 def _new_row_order(model) -> list[int]:
     """Row of each new token ([IMG0..7], <ImageHere>: the reference's order) in the LLM's
-    trainable token rows."""
+    trainable token rows, found by token."""
     from mmgen.data.minigpt5_samples import IMAGE_PLACEHOLDER, VOKENS
 
-    ids = model.llm.new_token_ids
-    try:
-        return [ids.index(model.llm.token_id(t)) for t in VOKENS + [IMAGE_PLACEHOLDER]]
-    except ValueError:
-        raise ConfigError(f"the LLM's new tokens {ids} are not [IMG0..7] and {IMAGE_PLACEHOLDER}") from None
+    return token_rows(model, VOKENS + [IMAGE_PLACEHOLDER])
 
 
 def _voken_rows(conversion: Conversion, label: str, matrix: torch.Tensor, model, which: str) -> torch.Tensor:
-    """The reference's new rows (the last 9 of its resized (V, h) matrix), in token order."""
+    """The reference's new rows of its resized (V, h) matrix, in token order ([IMG0..7],
+    <ImageHere>), picked by their ids: the config's tokenizer must be the reference's, which the
+    matrix size checks (ids 32000..32008 for Vicuna, the last 9 rows)."""
     from mmgen.data.minigpt5_samples import IMAGE_PLACEHOLDER, VOKENS
 
-    n = len(VOKENS) + 1
+    tokens = VOKENS + [IMAGE_PLACEHOLDER]
     llm = model.llm.model
     full = (llm.get_input_embeddings() if which == "input" else llm.get_output_embeddings()).weight.shape
     if matrix.dim() != 2 or tuple(matrix.shape) != tuple(full):
         raise ConfigError(f"{conversion.name}: {label} has shape {tuple(matrix.shape)}, the config's LLM has "
-                          f"{tuple(full)} ({full[0] - n} base tokens + {', '.join(VOKENS[:1])}..{VOKENS[-1]}, "
+                          f"{tuple(full)} ({full[0] - len(tokens)} base tokens + {VOKENS[0]}..{VOKENS[-1]}, "
                           f"{IMAGE_PLACEHOLDER}): a different LLM or tokenizer")
-    conversion.report(label, f"rows 0..{full[0] - n - 1}: the base LLM's frozen rows")
-    return matrix[-n:]
+    ids = [model.llm.token_id(t) for t in tokens]
+    conversion.report(label, f"rows other than {ids[0]}..{ids[-1]}: the base LLM's frozen rows")
+    return matrix[ids]

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 
 from mmgen.errors import ConfigError
-from mmgen.methods.losses import gather_keeping_local_grad
+from mmgen.methods.losses import gather_keeping_local_grad, infonce_terms, scale_gradient
 from mmgen.methods.optim import Optim, build_optimizer
 from mmgen.registry import Registered
 
@@ -34,6 +34,37 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         # that exactly the trainable parameters are present instead.
         self.strict_loading = False
 
+    # -- the method's own random draws (packing coins, CFG dropout) -----------------------------
+    def init_training_rng(self, seed: int) -> None:
+        """A generator for the method's training-time draws, seeded per process in ``setup``
+        (each rank draws its own) and saved in checkpoints (a resumed run continues the draws)."""
+        self.seed = seed
+        self.training_rng = torch.Generator().manual_seed(seed)
+
+    def setup(self, stage: str) -> None:
+        if hasattr(self, "training_rng"):
+            self.training_rng.manual_seed(self.seed + self.global_rank)
+
+    def coin(self, probability: float) -> bool:
+        """True with ``probability``, from the method's own generator."""
+        return probability > 0 and float(torch.rand((), generator=self.training_rng)) < probability
+
+    def _save_rng_states(self, checkpoint: dict) -> None:
+        state = self.training_rng.get_state()  # uint8 (n,)
+        gathered = self.all_gather(state) if self._trainer is not None and self.trainer.world_size > 1 else state[None]
+        checkpoint["mmgen_rng_states"] = [s.cpu() for s in gathered.reshape(-1, state.numel())]
+
+    def _load_rng_states(self, checkpoint: dict) -> None:
+        states = checkpoint.get("mmgen_rng_states")
+        if not states:
+            return
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if len(states) != world:
+            warnings.warn(f"the checkpoint's random draws are for {len(states)} processes, this run has "
+                          f"{world}: packing and CFG decisions restart from the seed")
+            return
+        self.training_rng.set_state(states[self.global_rank if self._trainer is not None else 0].to(torch.uint8))
+
     #: Scale the new token rows to the frozen rows' mean norm after each optimizer step
     #: (FROMAGe and GILL do; subclasses set it from their init arguments).
     rescale_new_rows: bool = False
@@ -56,6 +87,8 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         # hyper-parameters; pickling them would put every frozen weight back in the file.
         hparams = checkpoint.get("hyper_parameters", {})
         checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if not isinstance(v, torch.nn.Module)}
+        if hasattr(self, "training_rng"):
+            self._save_rng_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected, found = self.trainable_state_keys(), set(checkpoint["state_dict"])
@@ -66,6 +99,8 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
                 f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                 f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
             )
+        if hasattr(self, "training_rng"):
+            self._load_rng_states(checkpoint)
 
     def save_pretrained(self, directory) -> None:
         """Write this model as a pretrained folder (config, trained tensors, card): mmgen.pretrained."""
@@ -93,6 +128,33 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         if own:
             rows.append(("(module)", sum(p.numel() for p in own), sum(p.numel() for p in own if p.requires_grad)))
         return rows
+
+    #: Multiply all-gathered contrastive terms by the number of processes in the objective
+    #: (FROMAGe and GILL set it from their init arguments); see :meth:`contrastive_scale`.
+    scale_contrastive_by_world: bool = True
+
+    @property
+    def contrastive_scale(self) -> float:
+        """The factor of an all-gathered contrastive term in the objective. Each process
+        computes the same loss over the global batch, but its gradient reaches only the local
+        shard (the other shards are gathered copies), and DDP then AVERAGES gradients over the
+        processes: the contrastive gradient would be 1/world of one device's on the same global
+        batch, and the balance between the losses would depend on the GPU count. Scaling the
+        term by the world size restores one device's gradients; without it (False) mmgen
+        reproduces the official code's multi-GPU runs."""
+        if not self.scale_contrastive_by_world or self._trainer is None:
+            return 1.0
+        return float(self.trainer.world_size)
+
+    def global_infonce(self, text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor):
+        """(CE_t2i, CE_i2t) over the global batch: this process's (b, e) embeddings joined with
+        every other's. The temperature is shared, not sharded: every process already gets its
+        whole gradient, so it is divided by :attr:`contrastive_scale` to undo the scaling."""
+        return infonce_terms(
+            self.gather_global_batch(text_emb),
+            self.gather_global_batch(image_emb),
+            scale_gradient(logit_scale, 1 / self.contrastive_scale),
+        )
 
     def gather_global_batch(self, local: torch.Tensor, keep_grad: bool = True) -> torch.Tensor:
         """This rank's (b, ...) rows joined with every other rank's: (world * b, ...). The local

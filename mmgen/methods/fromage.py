@@ -4,28 +4,29 @@ REFERENCE.md sec. 2. Trainable: the visual prefix, the two retrieval projections
 temperature and the [RET] row (5.51M parameters at OPT-6.7B + CLIP ViT-L/14).
 
     images --CLIP (frozen)--> pooled (b, 1, 1024) --prefix--> (b, k, 4096)
-    captioning:  [prefix][BOS caption [RET]]       --LLM--> CE_caption
-    retrieval:   [BOS caption [RET]]               --LLM--> CE_retmode, h[RET] (b, 4096)
+    captioning:  [prefix][BOS caption][RET]        --LLM--> CE_caption ([RET] masked)
+    retrieval:   [BOS caption [RET]]               --LLM--> CE_retmode ([RET] a target), h[RET] (b, 4096)
     contrastive: text_proj(h[RET]) vs image_proj(pooled), all-gathered InfoNCE
     L = CE_caption + CE_retmode + (CE_t2i + CE_i2t) / 2
 """
 
 from __future__ import annotations
 
-import random
-
 import torch
 
-from mmgen.components.base import InputProjection, LLMBackbone, OutputHead, VisualEncoder
+from mmgen.components.base import InputProjection, LLMBackbone, NewToken, OutputHead, VisualEncoder
 from mmgen.components.retrieval_head import RetrievalHead
 from mmgen.components.visual_prefix import LinearVisualPrefix
 from mmgen.data.interleave import ImageSlot, Text, collate, pack_pairs
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.retrieval_metrics import RetrievalMetrics
-from mmgen.methods.losses import symmetric_infonce
 from mmgen.methods.optim import Optim
 
 RET_TOKEN = "[RET]"
+# The official vocabulary: OPT's tokenizer + <|image|> (a frozen row, never used in training)
+# + [RET] (a plain added token), ids 50265 and 50266 for OPT; the extra softmax row is part of
+# every loss, so leaving <|image|> out would change the losses, not only the ids.
+VOCABULARY = [NewToken("<|image|>", trainable=False), NewToken(RET_TOKEN, special=False)]
 
 
 class FROMAGe(RetrievalMetrics, MultimodalLM):
@@ -42,9 +43,13 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
             (the reference: 0.5).
         rescale_new_rows: After each optimizer step, scale the [RET] row to the mean norm of the
             frozen rows, as the reference does.
+        scale_contrastive_by_world: Under DDP, multiply the all-gathered contrastive term by
+            the number of processes so that its gradients equal one device's on the global
+            batch (DDP averages gradients; the official code did not scale, so with W GPUs its
+            contrastive gradient was 1/W of that: False reproduces it).
         optim: AdamW and schedule (reference: lr 3e-4, betas (0.9, 0.95), no weight decay, 100
             warmup steps; gradient clipping 1.0 is the trainer's ``gradient_clip_val``).
-        seed: Seed of the packing decisions.
+        seed: Seed of the packing decisions (process r draws from seed + r).
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
         max_text_length: int = 24,
         pack_probability: float = 0.5,
         rescale_new_rows: bool = True,
+        scale_contrastive_by_world: bool = True,
         optim: Optim | None = None,
         seed: int = 0,
     ):
@@ -67,10 +73,11 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
         self.max_text_length = max_text_length
         self.pack_probability = pack_probability
         self.rescale_new_rows = rescale_new_rows
-        self._pack_rng = random.Random(seed)
+        self.scale_contrastive_by_world = scale_contrastive_by_world
+        self.init_training_rng(seed)
 
     def configure_model(self) -> None:
-        self.llm.configure(new_tokens=[RET_TOKEN], new_token_init="random")
+        self.llm.configure(new_tokens=VOCABULARY, new_token_init="random")
         self.visual_encoder.configure()
         self.visual_prefix.configure(self.visual_encoder.feature_dim, self.llm.embed_dim)
         self.retrieval_head.configure(self.llm.hidden_size, self.visual_encoder.feature_dim)
@@ -82,17 +89,20 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
         return self.llm.tokenizer(caption).input_ids[: self.max_text_length - 1]
 
     def compute_losses(self, images: torch.Tensor, captions: list[str], pack: bool = False):
-        """Returns (losses dict, text embeddings (b, e), image embeddings (b, e))."""
+        """Every loss term of a step and its retrieval embeddings: (losses, text embeddings
+        (b, e), image embeddings (b, e)). ``losses``: caption, retmode, t2i, i2t, contrastive
+        (= (t2i + i2t) / 2) and loss (their weighted sum)."""
         tokenizer, b = self.llm.tokenizer, images.shape[0]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         features = self.visual_encoder(images)  # (b, 1, f)
         prefix = self.visual_prefix(features)  # (b, k, d)
         ids = [self.caption_ids(c) for c in captions]
 
-        # Captioning: [prefix][BOS caption [RET]]; BOS is a target (predicted from the last
-        # visual token), as in the reference. Packed: [img1][BOS cap1][img2][BOS cap2][RET][RET].
+        # Captioning: [prefix][BOS caption][RET]; BOS is a target (predicted from the last
+        # visual token) and everything from [RET] on is masked, as in the reference.
+        # Packed: [img1][BOS cap1][img2][BOS cap2][RET][RET].
         heads = [[ImageSlot(self.visual_prefix.n_tokens), Text(i)] for i in ids]
-        tails = [[Text([self.ret_id])] for _ in ids]
+        tails = [[Text([self.ret_id], supervised=False)] for _ in ids]
         if pack:
             sequences = pack_pairs(heads, tails, tokenizer.bos_token_id, keep_second_bos=True)
         else:
@@ -105,20 +115,17 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
         ret_out = self.llm(ret.embed(self.llm.embed), ret.attention_mask, ret.labels)
         h_ret = ret_out.hidden[torch.arange(b, device=images.device), ret.last_position_of(self.ret_id)]
 
-        text_emb = self.retrieval_head.embed_text(h_ret.float())  # (b, e)
-        image_emb = self.retrieval_head.embed_image(features.float())  # (b, e)
-        contrastive = symmetric_infonce(
-            self.gather_global_batch(text_emb),
-            self.gather_global_batch(image_emb),
-            self.retrieval_head.logit_scale,
-        )
-        losses = {"caption": cap_out.loss, "retmode": ret_out.loss, "contrastive": contrastive}
-        losses["loss"] = losses["caption"] + losses["retmode"] + losses["contrastive"]
+        text_emb = self.retrieval_head.embed_text(h_ret)  # (b, e)
+        image_emb = self.retrieval_head.embed_image(features)  # (b, e)
+        t2i, i2t = self.global_infonce(text_emb, image_emb, self.retrieval_head.logit_scale)
+        losses = {"caption": cap_out.loss, "retmode": ret_out.loss, "t2i": t2i, "i2t": i2t,
+                  "contrastive": (t2i + i2t) / 2}
+        losses["loss"] = losses["caption"] + losses["retmode"] + self.contrastive_scale * losses["contrastive"]
         return losses, text_emb, image_emb
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        pack = self.pack_probability > 0 and self._pack_rng.random() < self.pack_probability
+        pack = self.coin(self.pack_probability)
         losses, _, _ = self.compute_losses(batch["images"], batch["captions"], pack=pack)
         self.log_losses(losses, "train", len(batch["captions"]))
         return losses["loss"]

@@ -13,31 +13,36 @@ OPT-6.7B + CLIP ViT-L/14 + SD v1.5).
                  L_gen = per-token L2 distance, mean over batch and the 77 positions
     L = CE_cap + 0.5 * CE_ret + 0.5 * CE_gen + (CE_t2i + CE_i2t) / 2 + L_gen
 
-The reference runs the text-only forward twice (once as "retrieval", once as "generation") on
-identical inputs; with a frozen LLM both give the same CE, so one forward serves both and
-CE_ret = CE_gen = CE_img: the two 0.5 weights add up to 1.0 of that one loss.
+The reference runs the text-only forward twice (once as "retrieval", once as "generation"),
+each mode drawing its own packing coin. When both coins agree the inputs are identical and, the
+LLM being frozen, so are both forwards: one forward then serves both (CE_ret = CE_gen), which
+saves a third of the LLM work in half of the steps and all of them without packing.
 """
 
 from __future__ import annotations
 
-import random
-
 import torch
 
-from mmgen.components.base import ImageGenerator, InputProjection, LLMBackbone, OutputHead, VisualEncoder
+from mmgen.components.base import ImageGenerator, InputProjection, LLMBackbone, NewToken, OutputHead, VisualEncoder
 from mmgen.components.gill_mapper import GILLMapper
 from mmgen.components.retrieval_head import RetrievalHead
 from mmgen.components.visual_prefix import LinearVisualPrefix
 from mmgen.data.interleave import ImageSlot, Interleaved, Text, collate, pack_pairs
 from mmgen.errors import ConfigError, DataError
 from mmgen.methods.base import MultimodalLM
-from mmgen.methods.losses import symmetric_infonce
 from mmgen.methods.optim import Optim
 from mmgen.methods.retrieval_metrics import RetrievalMetrics
 
 
 def img_tokens(n: int) -> list[str]:
     return [f"[IMG{i}]" for i in range(n)]
+
+
+def vocabulary(n: int) -> list[NewToken]:
+    """The official vocabulary: OPT's tokenizer + <|image|> (a frozen row, never used in
+    training) + [IMG0..n-1] (plain added tokens): ids 50265 and 50266.. for OPT. The extra
+    softmax row is part of every loss, and the [IMG] rows are where released weights belong."""
+    return [NewToken("<|image|>", trainable=False)] + [NewToken(t, special=False) for t in img_tokens(n)]
 
 
 def per_token_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -63,17 +68,22 @@ class GILL(RetrievalMetrics, MultimodalLM):
         n_img_tokens: r, the number of [IMG] tokens (8 in the reference).
         max_text_length: Tokens per caption including BOS and the r [IMG] tokens; a longer
             caption is cut so that the last r tokens are [IMG0..r-1].
-        pack_probability: Chance, per mode (captioning; the shared retrieval/generation
-            forward), that a training batch's sequences are packed in pairs (the reference: 0.5).
+        pack_probability: Chance, per mode (captioning, retrieval, generation: three draws,
+            as the reference), that a training batch's sequences are packed in pairs (0.5).
         precomputed_captions: Batches carry ``caption_embeddings`` from a cache; the generator's
             text encoder is then never loaded (only its config is read). False: it is loaded and
             used for batches without them.
         rescale_new_rows: After each optimizer step, scale the [IMG] rows to the mean norm of
             the frozen rows, as the reference does.
-        optim: AdamW and schedule (reference: lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay
-            0.01, 2000 warmup steps, x0.1 at 10K steps; gradient clipping 1.0 is the trainer's
-            ``gradient_clip_val``).
-        seed: Seed of the packing decisions.
+        scale_contrastive_by_world: Under DDP, multiply the all-gathered contrastive term by
+            the number of processes so that its gradients equal one device's on the global
+            batch (DDP averages gradients; the official code did not scale, so with W GPUs its
+            contrastive gradient was 1/W of that: False reproduces it).
+        optim: AdamW and schedule (reference: lr 1e-3, betas (0.9, 0.95), eps 1e-8, 2000 warmup
+            steps, x0.1 at 10K steps; gradient clipping 1.0 is the trainer's ``gradient_clip_val``).
+            Weight decay 0: the reference sets 0.01 on pure bf16 weights, where a step's decay
+            (lr x 0.01 x w) is below bf16's precision and never changes a weight.
+        seed: Seed of the packing decisions (process r draws from seed + r).
     """
 
     def __init__(
@@ -89,11 +99,12 @@ class GILL(RetrievalMetrics, MultimodalLM):
         pack_probability: float = 0.5,
         precomputed_captions: bool = False,
         rescale_new_rows: bool = True,
+        scale_contrastive_by_world: bool = True,
         optim: Optim | None = None,
         seed: int = 0,
     ):
         super().__init__(optim or Optim(
-            lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, warmup_steps=2000,
+            lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, warmup_steps=2000,
             schedule="step", decay_steps=(10_000,), decay_factor=0.1,
         ))
         if max_text_length <= n_img_tokens + 1:
@@ -109,10 +120,11 @@ class GILL(RetrievalMetrics, MultimodalLM):
         self.pack_probability = pack_probability
         self.precomputed_captions = precomputed_captions
         self.rescale_new_rows = rescale_new_rows
-        self._pack_rng = random.Random(seed)
+        self.scale_contrastive_by_world = scale_contrastive_by_world
+        self.init_training_rng(seed)
 
     def configure_model(self) -> None:
-        self.llm.configure(new_tokens=img_tokens(self.n_img_tokens), new_token_init="random")
+        self.llm.configure(new_tokens=vocabulary(self.n_img_tokens), new_token_init="random")
         self.visual_encoder.configure()
         self.visual_prefix.configure(self.visual_encoder.feature_dim, self.llm.embed_dim)
         self.retrieval_head.configure(self.llm.hidden_size, self.visual_encoder.feature_dim)
@@ -175,10 +187,18 @@ class GILL(RetrievalMetrics, MultimodalLM):
         captions: list[str],
         caption_embeddings: torch.Tensor | None = None,
         pack_caption: bool = False,
-        pack_text: bool = False,
+        pack_ret: bool = False,
+        pack_gen: bool = False,
         cache_name: str | None = None,
+        share_text_forward: bool = True,
     ):
-        """Returns (losses dict, text embeddings (b, e), image embeddings (b, e))."""
+        """Every loss term of a step and its retrieval embeddings: (losses, text embeddings
+        (b, e), image embeddings (b, e)). ``losses``: caption, ret_lm, gen_lm, t2i, i2t,
+        contrastive (= (t2i + i2t) / 2), gen and loss (their weighted sum).
+
+        ``pack_*``: the packing coin of each mode. ``share_text_forward=False`` runs the
+        retrieval and generation forwards separately even when their inputs are the same (the
+        reference's way; for parity checks and benchmarks)."""
         device = images.device
         features = self.visual_encoder(images)  # (b, 1, f)
         prefix = self.visual_prefix(features)  # (b, k, d)
@@ -187,34 +207,35 @@ class GILL(RetrievalMetrics, MultimodalLM):
         cap = collate(self.caption_sequences(ids, pack_caption), self._pad_id, device)
         cap_out = self.llm(cap.embed(self.llm.embed, prefix), cap.attention_mask, cap.labels)
 
-        # ONE text-only forward for retrieval and generation (the reference runs it twice).
-        txt = collate(self.text_sequences(ids, pack_text), self._pad_id, device)
-        txt_embeds = txt.embed(self.llm.embed)  # (b', t, d)
-        txt_out = self.llm(txt_embeds, txt.attention_mask, txt.labels)
-        h_img, e_img = self.img_states(txt, txt_out.hidden, txt_embeds)  # (b, r, h), (b, r, d)
+        ret_lm, h_ret, _ = self.text_forward(ids, pack_ret)  # (b, r, h)
+        if pack_gen == pack_ret and share_text_forward:
+            gen_lm, h_gen, e_gen = ret_lm, h_ret, _
+        else:
+            gen_lm, h_gen, e_gen = self.text_forward(ids, pack_gen)  # (b, r, h), (b, r, d)
 
-        text_emb = self.retrieval_head.embed_text(h_img[:, 0].float())  # (b, e), from [IMG0]
-        image_emb = self.retrieval_head.embed_image(features.float())  # (b, e)
-        contrastive = symmetric_infonce(
-            self.gather_global_batch(text_emb),
-            self.gather_global_batch(image_emb),
-            self.retrieval_head.logit_scale,
-        )
+        text_emb = self.retrieval_head.embed_text(h_ret[:, 0])  # (b, e), from [IMG0]
+        image_emb = self.retrieval_head.embed_image(features)  # (b, e)
+        t2i, i2t = self.global_infonce(text_emb, image_emb, self.retrieval_head.logit_scale)
 
-        mapped = self.gen_mapper(h_img.float(), e_img.float())  # (b, 77, out_dim)
+        mapped = self.gen_mapper(h_gen, e_gen)  # (b, 77, out_dim)
         target = self.caption_targets(captions, caption_embeddings, mapped.shape, cache_name)
         gen = per_token_l2(mapped, target.to(device=device, dtype=mapped.dtype))
 
-        losses = {
-            "caption": cap_out.loss,
-            "img_lm": txt_out.loss,  # CE_ret == CE_gen
-            "contrastive": contrastive,
-            "gen": gen,
-        }
+        losses = {"caption": cap_out.loss, "ret_lm": ret_lm, "gen_lm": gen_lm, "t2i": t2i, "i2t": i2t,
+                  "contrastive": (t2i + i2t) / 2, "gen": gen}
         losses["loss"] = (
-            losses["caption"] + 0.5 * losses["img_lm"] + 0.5 * losses["img_lm"] + contrastive + gen
+            losses["caption"] + 0.5 * ret_lm + 0.5 * gen_lm + self.contrastive_scale * losses["contrastive"] + gen
         )
         return losses, text_emb, image_emb
+
+    def text_forward(self, ids: list[list[int]], pack: bool):
+        """The text-only mode ``[BOS caption IMG0..r-1]``: (CE, hidden states (b, r, hidden) and
+        input embeddings (b, r, d) at every [IMG] group, in example order)."""
+        txt = collate(self.text_sequences(ids, pack), self._pad_id, self.device)
+        embeds = txt.embed(self.llm.embed)  # (b', t, d)
+        out = self.llm(embeds, txt.attention_mask, txt.labels)
+        h_img, e_img = self.img_states(txt, out.hidden, embeds)
+        return out.loss, h_img, e_img
 
     def caption_targets(self, captions, caption_embeddings, shape, cache_name=None) -> torch.Tensor:
         """The frozen text encoder's caption embeddings (b, 77, d): from the batch (a cache) or,
@@ -238,12 +259,13 @@ class GILL(RetrievalMetrics, MultimodalLM):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def _pack(self) -> bool:
-        return self.pack_probability > 0 and self._pack_rng.random() < self.pack_probability
+        return self.coin(self.pack_probability)
 
     def training_step(self, batch, batch_idx):
-        losses, _, _ = self.compute_losses(
+        losses, _, _ = self.compute_losses(  # one coin per mode, drawn in the reference's order
             batch["images"], batch["captions"], batch.get("caption_embeddings"),
-            pack_caption=self._pack(), pack_text=self._pack(), cache_name=batch.get("caption_cache"),
+            pack_caption=self._pack(), pack_ret=self._pack(), pack_gen=self._pack(),
+            cache_name=batch.get("caption_cache"),
         )
         self.log_losses(losses, "train", len(batch["captions"]))
         return losses["loss"]
@@ -271,7 +293,7 @@ class GILL(RetrievalMetrics, MultimodalLM):
         """Images (b, 3, h, w) in [0, 1] for text prompts: the mapper's output as SD's
         ``prompt_embeds``; SD's own empty-prompt embedding as the unconditional branch."""
         h_img, e_img = self.prompt_img_states(prompts)
-        prompt_embeds = self.gen_mapper(h_img.float(), e_img.float())  # (b, 77, d)
+        prompt_embeds = self.gen_mapper(h_img, e_img)  # (b, 77, d)
         return self.image_generator.generate(prompt_embeds, **generate_kwargs)
 
     def predict_step(self, batch, batch_idx):
@@ -279,41 +301,3 @@ class GILL(RetrievalMetrics, MultimodalLM):
         the inference API)."""
         return {"images": self.generate_images(batch["captions"])}
 
-
-def two_forward_losses(model: GILL, images: torch.Tensor, captions: list[str], caption_embeddings=None):
-    """The reference's way, for parity tests and the benchmark: separate "retrieval" and
-    "generation" text-only forwards on identical inputs, the caption embeddings computed by the
-    generator unless given. Returns the same losses dict as ``GILL.compute_losses`` (unpacked),
-    with ``img_lm`` = (CE_ret + CE_gen) / 2."""
-    device = images.device
-    features = model.visual_encoder(images)  # (b, 1, f)
-    prefix = model.visual_prefix(features)  # (b, k, d)
-    ids = [model.caption_ids(c) for c in captions]
-    cap = collate(model.caption_sequences(ids, False), model._pad_id, device)
-    cap_out = model.llm(cap.embed(model.llm.embed, prefix), cap.attention_mask, cap.labels)
-
-    txt = collate(model.text_sequences(ids, False), model._pad_id, device)
-    ret_embeds = txt.embed(model.llm.embed)
-    ret_out = model.llm(ret_embeds, txt.attention_mask, txt.labels)  # "retrieval" forward
-    h_ret, _ = model.img_states(txt, ret_out.hidden, ret_embeds)
-    gen_embeds = txt.embed(model.llm.embed)
-    gen_out = model.llm(gen_embeds, txt.attention_mask, txt.labels)  # "generation" forward
-    h_gen, e_gen = model.img_states(txt, gen_out.hidden, gen_embeds)
-
-    text_emb = model.retrieval_head.embed_text(h_ret[:, 0].float())
-    image_emb = model.retrieval_head.embed_image(features.float())
-    contrastive = symmetric_infonce(
-        model.gather_global_batch(text_emb), model.gather_global_batch(image_emb), model.retrieval_head.logit_scale
-    )
-    mapped = model.gen_mapper(h_gen.float(), e_gen.float())
-    if caption_embeddings is None:
-        caption_embeddings = model.image_generator.encode_captions(captions)
-    gen = per_token_l2(mapped, caption_embeddings.to(device=device, dtype=mapped.dtype))
-    losses = {
-        "caption": cap_out.loss,
-        "img_lm": (ret_out.loss + gen_out.loss) / 2,
-        "contrastive": contrastive,
-        "gen": gen,
-    }
-    losses["loss"] = cap_out.loss + 0.5 * ret_out.loss + 0.5 * gen_out.loss + contrastive + gen
-    return losses

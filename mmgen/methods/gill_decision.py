@@ -79,7 +79,7 @@ class GILLDecisionStage(MultimodalLM):
 
     def logits(self, prompts: list[str]) -> torch.Tensor:
         h_img, _ = self.gill.prompt_img_states(prompts)  # (b, r, hidden), no grad
-        return self.decision_head(h_img[:, 0].float())  # (b, 2) from the raw [IMG0] state
+        return self.decision_head(h_img[:, 0])  # (b, 2) from the raw [IMG0] state
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -97,8 +97,28 @@ class GILLDecisionStage(MultimodalLM):
         self.log_losses({"loss": loss, "accuracy": accuracy}, stage, len(batch["prompts"]))
         return loss
 
+    # -- inference -------------------------------------------------------------------------------
+    @property
+    def visual_encoder(self):
+        """GILL's: what a retrieval index is made and checked with (mmgen.inference.index)."""
+        return self.gill.visual_encoder
+
+    @property
+    def retrieval_head(self):
+        return self.gill.retrieval_head
+
+    def answer(self, conversations, index=None, mode: str = "auto", **options):
+        """GILL's answers (``GILL.answer``) with this decision module choosing, in mode "auto",
+        whether each [IMG] group retrieves or generates."""
+        return self.gill.answer(conversations, index=index, mode=mode, decision_head=self.decision_head, **options)
+
+    def predict_step(self, batch, batch_idx=0):
+        """As GILL's ``predict_step``, deciding with this module."""
+        return self.gill.predict_step({**batch, "options": {**(batch.get("options") or {}),
+                                                           "decision_head": self.decision_head}}, batch_idx)
+
     @torch.no_grad()
     def decide(self, prompts: list[str]) -> list[str]:
         """"retrieve" or "generate" for each prompt."""
         h_img, _ = self.gill.prompt_img_states(prompts)
-        return self.decision_head.decide(h_img[:, 0].float())
+        return self.decision_head.decide(h_img[:, 0])

@@ -20,15 +20,26 @@ def gather_keeping_local_grad(local: torch.Tensor, gathered: torch.Tensor, rank:
     return torch.cat(shards)
 
 
-def symmetric_infonce(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """(CE_t2i + CE_i2t) / 2 between matching rows of L2-normalised ``text`` and ``image`` (n, e).
+def infonce_terms(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor):
+    """(CE_t2i, CE_i2t) between matching rows of L2-normalised ``text`` and ``image`` (n, e).
 
     As in the reference, only the image side is multiplied by ``exp(logit_scale)``; t2i is the
     cross-entropy of the text-to-image logits, i2t of their transpose.
     """
     logits_t2i = text @ (logit_scale.exp() * image).t()  # (n, n)
     target = torch.arange(text.shape[0], device=text.device)
-    return (F.cross_entropy(logits_t2i, target) + F.cross_entropy(logits_t2i.t(), target)) / 2
+    return F.cross_entropy(logits_t2i, target), F.cross_entropy(logits_t2i.t(), target)
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``factor`` in the backward."""
+    return x if factor == 1 else x * factor + x.detach() * (1 - factor)
+
+
+def symmetric_infonce(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """(CE_t2i + CE_i2t) / 2: see :func:`infonce_terms`."""
+    t2i, i2t = infonce_terms(text, image, logit_scale)
+    return (t2i + i2t) / 2
 
 
 def retrieval_recall(text: torch.Tensor, image: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmgen.components.base import ImageGenerator, LLMBackbone, VisualEncoder
+from mmgen.components.base import ImageGenerator, LLMBackbone, NewToken, VisualEncoder
 from mmgen.components.hub import random_weights_requested
 from mmgen.components.voken_mapper import VokenMapper
 from mmgen.data.interleave import ImageSlot, Interleaved, Text, collate
@@ -29,6 +29,13 @@ from mmgen.errors import ConfigError
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.optim import Optim
 from mmgen.methods.stages import Stage, get_stage
+
+
+# The official vocabulary: the 8 vokens then <ImageHere>, all 9 rows trainable, added as the
+# official slow (legacy) LLaMA tokenizer treats added special tokens: they eat the space before
+# them, so "lunch . [IMG0]" has no lone "▁" before [IMG0] (right-stripping would be wrong: the
+# "▁###" after [IMG7] keeps its "▁").
+VOCABULARY = [NewToken(t, lstrip=True) for t in VOKENS + [IMAGE_PLACEHOLDER]]
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float = 5.0,
@@ -91,14 +98,14 @@ class MiniGPT5(MultimodalLM):
         self.snr_gamma = snr_gamma
         self.init_from = init_from
         self.init_reset = list(init_reset)
-        self.seed = seed
+        self._applied_stage: Stage | None = None
         self.stage: Stage | None = None  # set by the TrainingStages callback; None: all groups train
-        self._cfg_rng = torch.Generator().manual_seed(seed)
+        self.init_training_rng(seed)
 
     def configure_model(self) -> None:
         if getattr(self, "voken_ids", None) is not None:
             return
-        self.llm.configure(new_tokens=VOKENS + [IMAGE_PLACEHOLDER], new_token_init="mean")
+        self.llm.configure(new_tokens=VOCABULARY, new_token_init="mean")
         self.generator.configure()
         if self.visual_encoder is not None:
             self.visual_encoder.configure(embed_dim=self.llm.embed_dim)
@@ -106,6 +113,8 @@ class MiniGPT5(MultimodalLM):
         self.voken_ids = [self.llm.token_id(t) for t in VOKENS]
         if self.init_from and not random_weights_requested(False):
             self.load_initial_weights(self.init_from, self.init_reset)
+        if self.stage is not None:  # before any strategy wraps the model: DDP sees the final set
+            self.apply_stage(self.stage)
 
     # -- what trains -----------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -129,13 +138,20 @@ class MiniGPT5(MultimodalLM):
                 p.requires_grad_(name in stage.train)
         for name, module in self.mapper.groups().items():
             module.lr_scale = stage.lr_scale.get(name, 1.0)  # read by optim.param_groups
+        self._applied_stage = stage
 
     @property
     def caption_loss_on(self) -> bool:
         return self.stage.caption_loss if self.stage is not None else self.caption_loss_weight > 0
 
     def configure_optimizers(self):
-        if self.stage is not None:
+        if self.stage is not None and self.stage != self._applied_stage:  # a switch within a run
+            if self._trainer is not None and self.trainer.world_size > 1:
+                raise ConfigError(
+                    f"switching to stage {self.stage.name!r} within a multi-process run: DDP fixed the "
+                    "trainable parameters when it wrapped the model. Run each stage with its own config "
+                    "(the next stage's `init_from` names the previous checkpoint)"
+                )
             self.apply_stage(self.stage)
         return super().configure_optimizers()
 
@@ -229,8 +245,8 @@ class MiniGPT5(MultimodalLM):
             raise ValueError(f"{features.shape[0]} voken groups but {images.shape[0]} output images")
         if features.shape[0] > 0:
             n = features.shape[0]
-            drop = self.mapper.sample_drop(n, self._cfg_rng).to(device) if train else torch.zeros(n, dtype=torch.bool, device=device)
-            features = torch.where(drop[:, None, None], torch.zeros_like(features), features.float())
+            drop = self.mapper.sample_drop(n, self.training_rng).to(device) if train else torch.zeros(n, dtype=torch.bool, device=device)
+            features = torch.where(drop[:, None, None], torch.zeros_like(features), features)
             mapped = self.mapper(features)  # (n_out, 77, text_embed_dim)
             losses["ldm"] = self.generator.ldm_loss(images, mapped, snr_gamma=self.snr_gamma)
             loss = loss + self.ldm_loss_weight * losses["ldm"]
@@ -240,6 +256,11 @@ class MiniGPT5(MultimodalLM):
                 target = self.generator.encode_captions(captions, use_attention_mask=True)
                 losses["caption"] = F.mse_loss(mapped, target.to(mapped.dtype))
                 loss = loss + self.caption_loss_weight * losses["caption"]
+        elif train:
+            # No output image in this batch (MMDialog turns, VIST "understand" samples): the mapper
+            # is unused, but DDP expects a gradient for every trainable parameter in every step.
+            # A zero-weighted term gives it one (all zeros) without changing the loss.
+            loss = loss + 0.0 * sum(p.sum() for p in self.mapper.parameters() if p.requires_grad)
         losses["loss"] = loss
         return losses
 

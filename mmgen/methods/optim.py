@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmgen.errors import ConfigError
+
 
 @dataclass
 class Optim:
@@ -17,7 +19,9 @@ class Optim:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    """Decoupled weight decay. Never applied to new token rows (they are one embedding each)."""
+    """Decoupled weight decay of weight matrices. Never applied to new token rows (they are one
+    embedding each), biases, norms or scalars (the temperature): parameters with fewer than 2
+    dimensions."""
     warmup_steps: int = 100
     """Linear warmup from 0 over this many optimizer steps (step 0 has lr 0, as in MiniGPT-5)."""
     schedule: str = "constant"
@@ -45,7 +49,7 @@ def param_groups(module: nn.Module, optim: Optim) -> list[dict]:
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        decay = optim.weight_decay > 0 and "trainable_tokens" not in name
+        decay = optim.weight_decay > 0 and "trainable_tokens" not in name and param.ndim >= 2
         groups.setdefault((_lr_scale_of(name, scales), decay), []).append(param)
     return [
         {"params": params, "lr": optim.lr * scale, "weight_decay": optim.weight_decay if decay else 0.0}
@@ -61,6 +65,11 @@ def lr_factor(step: int, optim: Optim, total_steps: int) -> float:
     if optim.schedule == "step":
         return optim.decay_factor ** sum(step >= s for s in optim.decay_steps)
     if optim.schedule == "linear":
+        if total_steps <= 0:  # would be lr 0 right after warm-up
+            raise ConfigError(
+                "Optim.schedule='linear' needs the run length: set optim.total_steps, or "
+                "trainer.max_steps when the data has no length (an iterable dataset)"
+            )
         remaining = max(total_steps - optim.warmup_steps, 1)
         return max(0.0, (total_steps - step) / remaining)
     raise ValueError(f"Optim.schedule must be constant, step or linear, not {optim.schedule!r}")
@@ -70,5 +79,7 @@ def build_optimizer(module: nn.Module, optim: Optim, total_steps: int):
     """AdamW over ``param_groups`` with a per-step LambdaLR (Lightning config dict)."""
     optimizer = torch.optim.AdamW(param_groups(module, optim), betas=tuple(optim.betas), eps=optim.eps)
     total = optim.total_steps or total_steps
+    if optim.schedule == "linear":
+        lr_factor(optim.warmup_steps, optim, total)  # fails now, not at the end of warm-up
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, total))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -78,8 +78,14 @@ class TrainingStages(Callback):
         return sum(step >= s for s in self.switch_steps)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        # Runs before configure_model and configure_optimizers: the method applies the stage
-        # (requires_grad, lr scales) when it builds its optimizer.
+        # Runs before configure_model, which applies the stage (requires_grad, lr scales) before
+        # any strategy wraps the model.
+        if len(self.stages) > 1 and trainer.world_size > 1:
+            raise ConfigError(
+                "TrainingStages: a stage switch within one run works on one process only (DDP fixes "
+                "the trainable parameters when it wraps the model); run each stage with its own "
+                "config, the next stage's `init_from` naming the previous checkpoint"
+            )
         self._module = pl_module
         pl_module.stage = self.stages[self.index]
 
