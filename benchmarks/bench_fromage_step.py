@@ -72,7 +72,7 @@ def _build(size: str, variant: str, device: str):
         weight.register_hook(lambda grad: grad * keep.to(grad))
     model.to(device).train()
     optim = Optim(lr=3e-4, weight_decay=0.01, warmup_steps=0)
-    optimizer = build_optimizer(model, optim, 1000)["optimizer"]
+    optimizer = build_optimizer(model.parameter_groups(), optim, 1000)["optimizer"]
     if variant == "reference":  # one group with weight decay on everything, as the reference
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4,
                                       betas=(0.9, 0.95), weight_decay=0.01)

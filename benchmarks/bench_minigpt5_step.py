@@ -84,7 +84,7 @@ def bench(size: str, stage: str, adapter: str, batch_size: int, steps: int) -> d
     model = build(size, adapter)
     model.stage = get_stage(stage)
     model.apply_stage(model.stage)
-    optimizer = build_optimizer(model, model.optim, 1000)["optimizer"]
+    optimizer = build_optimizer(model.parameter_groups(), model.optim, 1000)["optimizer"]
     data = batch(batch_size, SIZES[size]["image"])
     model.train()
     times = []

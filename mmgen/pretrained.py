@@ -59,15 +59,12 @@ def model_config(model) -> dict:
 
 
 def weight_names(model) -> list[str]:
-    """Names of the tensors a pretrained folder stores: every trainable parameter, plus those of
-    the method's ``parameter_groups()`` that a training stage has frozen (MiniGPT-5's stage 2
-    freezes its stage-1 ``fc``, which is still part of the trained model)."""
-    names = {name for name, p in model.named_parameters() if p.requires_grad}
-    if hasattr(model, "parameter_groups"):
-        by_id = {id(p): n for n, p in model.named_parameters()}
-        for params in model.parameter_groups().values():
-            names.update(by_id[id(p)] for p in params if id(p) in by_id)
-    return sorted(names)
+    """Names of the tensors a pretrained folder stores: the method's grouped parameters
+    (``parameter_groups()``), trained in this run or not (MiniGPT-5's stage 2 freezes its stage-1
+    ``fc``, which is still part of the trained model)."""
+    if hasattr(model, "trainable_state_keys"):
+        return sorted(model.trainable_state_keys())
+    return sorted(name for name, p in model.named_parameters() if p.requires_grad)
 
 
 def trained_state(model) -> dict[str, torch.Tensor]:
@@ -188,9 +185,43 @@ def _model_card(config, state, adapters, random_parts, notes) -> str:
 
 
 # -- loading ------------------------------------------------------------------------------------
-def build_model(config: dict):
+def check_class_paths(config: dict, source: str = "model config", allow_modules: tuple[str, ...] = ()) -> None:
+    """Refuse any ``class_path`` in ``config`` that is not a registered mmgen component (full
+    path or short name), nor in a module of ``allow_modules`` (module names or prefixes the user
+    trusts), BEFORE anything is imported: importing a module named by a downloaded config would
+    run its import-time code."""
+    import mmgen.components  # noqa: F401  (mmgen's own components register themselves)
+    import mmgen.methods  # noqa: F401
+    from mmgen.registry import REGISTRY
+
+    known = {f"{c.__module__}.{c.__qualname__}" for kind in REGISTRY.values() for c in kind.values()}
+    known |= {name for kind in REGISTRY.values() for name in kind}
+
+    def visit(value, key: str) -> None:
+        if isinstance(value, dict):
+            if "class_path" in value:
+                path = value["class_path"]
+                if not isinstance(path, str):
+                    raise ConfigError(f"{source}: {key or '(top)'}class_path must be a string, got {path!r:.80}")
+                allowed = any(path == m or path.startswith(m + ".") for m in allow_modules)
+                if path not in known and not allowed:
+                    raise ConfigError(
+                        f"{source}: {key or '(top)'}class_path {path!r} is not a registered mmgen component; "
+                        "refusing to import it (pass allow_modules=[...] naming its module if you trust it)"
+                    )
+            for k, v in value.items():
+                visit(v, f"{key}{k}.")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                visit(v, f"{key}{i}.")
+
+    visit(config, "")
+
+
+def build_model(config: dict, source: str = "model config", allow_modules: tuple[str, ...] = ()):
     """Instantiate (not configure) the MultimodalLM of a ``{class_path, init_args}`` config, so
-    that it records the config as its hyper-parameters exactly as LightningCLI does."""
+    that it records the config as its hyper-parameters exactly as LightningCLI does. Every
+    ``class_path`` must name a registered mmgen component (or be in ``allow_modules``)."""
     import mmgen.components  # noqa: F401  (registers components so class paths resolve)
     import mmgen.methods  # noqa: F401
     from jsonargparse import ArgumentParser
@@ -198,14 +229,22 @@ def build_model(config: dict):
     from mmgen.methods.base import MultimodalLM
 
     if not isinstance(config, dict) or "class_path" not in config:
-        raise ConfigError(f"a model config needs 'class_path' and 'init_args', got {type(config).__name__} "
+        raise ConfigError(f"{source}: a model config needs 'class_path' and 'init_args', got {type(config).__name__} "
                           f"with keys {sorted(config) if isinstance(config, dict) else '-'}")
+    check_class_paths(config, source, tuple(allow_modules))
+    for module in allow_modules:  # trusted by the caller: import so its components register
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(f"{source}: allowed module {module!r} cannot be imported: {error}") from error
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(MultimodalLM, "model", fail_untyped=False, required=True)
     try:
         parsed = parser.parse_object({"model": config})
     except Exception as error:  # jsonargparse's ArgumentError/ValueError: name the config's fault
-        raise ConfigError(f"invalid model config for {config.get('class_path')}: {error}") from error
+        raise ConfigError(f"{source}: invalid model config for {config.get('class_path')}: {error}") from error
     dumped = yaml.safe_load(parser.dump(parsed, skip_none=False))["model"]
     hparams = {"_class_path": dumped["class_path"], **(dumped.get("init_args") or {})}
     try:
@@ -217,11 +256,18 @@ def build_model(config: dict):
 
 
 def read_config(directory: str | Path) -> dict:
+    from mmgen.checkpoints import require_regular_file
+
+    if not Path(directory).is_dir():
+        raise ConfigError(f"{directory}: not a pretrained folder (no such folder)")
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{directory}: not a pretrained folder (no {CONFIG_FILE})")
+    require_regular_file(path, "model config")
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}): {error.reason}") from error
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(config, dict) or "class_path" not in config:
@@ -231,28 +277,14 @@ def read_config(directory: str | Path) -> dict:
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The trained tensors of a pretrained folder, a ``.safetensors`` file or a Lightning
-    checkpoint (its ``state_dict``), on the CPU. A damaged or truncated file raises ConfigError
-    naming it."""
+    checkpoint (its ``state_dict``), on the CPU, read weights-only. A missing, empty, damaged,
+    truncated or foreign file, or a non-finite tensor, raises ConfigError naming it."""
+    from mmgen.checkpoints import read_tensors
+
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as error:  # SafetensorError, OSError: header or data cut short
-            raise ConfigError(f"{path}: not a readable safetensors file (truncated or damaged?): {error}") from error
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle/zip errors from a truncated or foreign file
-        raise ConfigError(f"{path}: not a readable checkpoint (truncated or damaged?): {error}") from error
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{path}: holds no state_dict of tensors")
-    return state
+    return read_tensors(path, "weights file")
 
 
 def load_weights_into(model, state: dict[str, torch.Tensor], source: str, allow_missing: bool = False) -> list[str]:
@@ -281,12 +313,15 @@ def load_weights_into(model, state: dict[str, torch.Tensor], source: str, allow_
     return missing
 
 
-def load_pretrained(directory: str | Path):
-    """Build, configure and fill the model of a pretrained folder; returned in eval mode."""
+def load_pretrained(directory: str | Path, allow_modules: tuple[str, ...] = ()):
+    """Build, configure and fill the model of a pretrained folder; returned in eval mode.
+
+    The config's ``class_path`` entries must be registered mmgen components; ``allow_modules``
+    names modules (research code) you trust to be imported for it."""
     directory = Path(directory)
     config = read_config(directory)
     state = read_weights(directory / WEIGHTS_FILE)  # read (and checked readable) before building
-    model = build_model(config)
+    model = build_model(config, str(directory / CONFIG_FILE), allow_modules)
     model.configure_model()
     load_weights_into(model, state, str(directory / WEIGHTS_FILE))
     return model.eval()
@@ -296,18 +331,15 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
     """A Lightning checkpoint of an mmgen run -> a pretrained folder. The model is rebuilt from
     the config the checkpoint stores (backbones load from their sources) and filled with its
     tensors; tensors a stage did not checkpoint must come from the config's ``init_from``."""
+    from mmgen.checkpoints import load_checkpoint
+
     ckpt_path = Path(ckpt_path)
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ConfigError(f"{ckpt_path}: not a readable checkpoint (truncated or damaged?): {error}") from error
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    if "_class_path" not in hparams:
-        raise ConfigError(f"{ckpt_path}: stores no model config (train with mmgen fit / a config to export)")
+    checkpoint = load_checkpoint(ckpt_path, need_config=True)
+    hparams = dict(checkpoint["hyper_parameters"])
     class_path = hparams.pop("_class_path")
     hparams.pop("_instantiator", None)
     config = {"class_path": class_path, "init_args": hparams}
-    model = build_model(config)
+    model = build_model(config, f"{ckpt_path} (its stored model config)")
     model.configure_model()
     missing = load_weights_into(model, checkpoint["state_dict"], str(ckpt_path), allow_missing=bool(hparams.get("init_from")))
     notes = f"Exported from the Lightning checkpoint `{ckpt_path.name}` (global step {checkpoint.get('global_step')})."

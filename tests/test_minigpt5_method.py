@@ -118,7 +118,7 @@ def test_what_trains_in_each_stage(model):
 
     model.apply_stage(get_stage("uas"))
     assert _trainable_groups(model) == ({"vokens", "fc", "transformer", "queries"}, {"adapter"})
-    optimizer = build_optimizer(model, model.optim, 100)["optimizer"]
+    optimizer = build_optimizer(model.parameter_groups(), model.optim, 100)["optimizer"]
     lr_of = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}  # lr is 0 in warmup
     groups = model.parameter_groups()
     assert {lr_of[id(p)] for g in ("fc", "transformer", "queries") for p in groups[g]} == {10 * model.optim.lr}
@@ -126,7 +126,7 @@ def test_what_trains_in_each_stage(model):
 
     model.apply_stage(get_stage("mls"))
     assert _trainable_groups(model) == ({"adapter", "vokens", "transformer"}, {"fc", "queries"})
-    optimizer = build_optimizer(model, model.optim, 100)["optimizer"]
+    optimizer = build_optimizer(model.parameter_groups(), model.optim, 100)["optimizer"]
     assert {g["initial_lr"] for g in optimizer.param_groups} == {model.optim.lr}
     # LoRA is the whole adapter group: r=8 on q and v of 2 layers of width 32
     assert sum(p.numel() for p in groups["adapter"]) == 2 * 2 * (8 * 32 + 32 * 8)

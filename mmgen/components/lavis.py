@@ -153,9 +153,9 @@ def read_lavis_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A LAVIS / MiniGPT-4 ``.pth`` as {key: tensor}: the ``'model'`` dict where there is one,
     else the top level. Read with ``weights_only=True`` on the CPU (a pickle from the internet
     can run code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file does not exist")
+    from mmgen.checkpoints import require_regular_file
+
+    path = require_regular_file(path, "LAVIS checkpoint")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, bad pickle, a pickled object not allowed
@@ -170,7 +170,9 @@ def read_lavis_file(path: str | Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConfigError(f"{path}: entries that are not tensors: {bad[:8]}")
-    return state
+    from mmgen.checkpoints import check_tensors
+
+    return check_tensors(state, str(path))
 
 
 class LavisLoad:

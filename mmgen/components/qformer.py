@@ -259,6 +259,8 @@ def _read_checkpoint_keys(folder: Path, prefixes: tuple[str, ...]) -> dict[str, 
             with safe_open(str(path), framework="pt") as f:
                 state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)})
         else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            from mmgen.checkpoints import load_torch_file
+
+            loaded = load_torch_file(path, "weights file")
             state.update({k: v for k, v in loaded.items() if k.startswith(prefixes)})
     return state

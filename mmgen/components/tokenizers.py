@@ -10,6 +10,7 @@ environment installed without them (``pip install --no-deps``, a prepared GPU im
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from mmgen.errors import ConfigError
@@ -54,10 +55,17 @@ def load_tokenizer(name_or_path: str, **kwargs):
     raises ConfigError saying which and how to install it."""
     from transformers import AutoTokenizer
 
+    name = str(name_or_path)
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] \
+        or name.count("/") > 1 or Path(name).exists()
+    if looks_local and not Path(name).expanduser().is_dir():
+        what = "is not a folder" if Path(name).expanduser().exists() else "not found"
+        raise ConfigError(f"{name}: tokenizer folder {what} (give a local tokenizer folder or a hub id)")
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (ImportError, ValueError, OSError) as error:
-        explained = dependency_error(str(name_or_path), error)
-        if explained is None:
-            raise
-        raise explained from error
+        explained = dependency_error(name, error)
+        if explained is not None:
+            raise explained from error
+        raise ConfigError(f"{name}: cannot load the tokenizer (not a local folder with tokenizer files, and "
+                          f"not available from the model hub offline?): {str(error).splitlines()[0][:300]}") from error

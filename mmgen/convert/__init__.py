@@ -40,9 +40,12 @@ CONVERTERS: dict[str, str] = {
 
 def load_release_file(path: str | Path) -> dict:
     """A release's ``.pth.tar``/``.ckpt`` as a dict, on the CPU, without running pickled code."""
+    from mmgen.checkpoints import require_regular_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: missing from the release folder")
+    require_regular_file(path, "release file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, bad pickle, a pickled object not allowed
@@ -68,6 +71,9 @@ def release_state(path: str | Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConfigError(f"{path}: state_dict entries that are not tensors: {bad[:8]}")
+    from mmgen.checkpoints import check_tensors
+
+    check_tensors(state, f"{path}, state_dict")  # NaN / inf weights are refused, named by key
     return state
 
 

@@ -296,7 +296,7 @@ def convert(release: str | Path, config: dict | None = None, stage: str | None =
         if option in visual_files:
             conversion.report(visual_files[option].name, f"frozen: QFormerEncoder loads it (visual_encoder.{option} in "
                               "the config; mmgen.components.lavis maps its keys)")
-    adapter = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in model.parameter_groups()["adapter"]}}
+    adapter = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in model.parameter_groups()["adapter"].params}}
     conversion.apply({name: [f"{name}:{k}" for k in states[name]] for name in names},
                      allow_fresh=tuple(sorted(adapter)) if len(paths) == 1 else ())
     return model, config, conversion

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmgen.data.captions import CaptionDataModule, collate_captions, read_caption_tsv
 from mmgen.errors import DataError
+from mmgen.files import read_text, require_regular_file
 
 FORMAT = "mmgen-caption-embeddings"
 VERSION = 1
@@ -61,7 +62,9 @@ def captions_sha256(captions: Sequence[str]) -> str:
 
 def read_tsv_captions(tsv: str | Path, caption_column: str = "caption", image_column: str = "image") -> list[str]:
     """The captions of a caption TSV in data-row order, parsed as the datasets parse them."""
-    return [r.caption for r in read_caption_tsv(Path(tsv), Path("."), caption_column, image_column)]
+    # Only the captions are used: image paths are not opened, so they are not confined here.
+    return [r.caption for r in read_caption_tsv(Path(tsv), Path("."), caption_column, image_column,
+                                                allow_outside_paths=True)]
 
 
 def write_caption_cache(
@@ -120,30 +123,97 @@ def write_caption_cache(
 
 class CaptionCache:
     """A cache folder opened for reading; ``cache[i]`` is row i, float16 (77, d). Shards are
-    memory-mapped on first use in each process (DataLoader workers included)."""
+    memory-mapped on first use in each process (DataLoader workers included).
+
+    Opening checks the manifest (every key, its type, the shard list) and each shard's header
+    (exists, is a regular file, shape, dtype, not cut short) without reading the rows; reading a
+    row checks it is finite. Small caches are scanned whole for NaN/inf when opened."""
+
+    #: Caches up to this many bytes are scanned for non-finite values when opened.
+    SCAN_BYTES = 1 << 30
 
     def __init__(self, path: str | Path):
         self.dir = Path(path)
         self.manifest_path = self.dir / MANIFEST
-        if not self.manifest_path.is_file():
+        if not self.manifest_path.exists():
             raise DataError(
                 f"no caption-embedding cache at {self.dir} ({MANIFEST} missing, or the cache was not "
                 "finished): make it with `mmgen cache-captions`"
             )
+        text = read_text(self.manifest_path, "cache manifest")
         try:
-            self.manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            self.manifest = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{self.manifest_path}: not valid JSON: {error}") from error
+        if not isinstance(self.manifest, dict):
+            raise DataError(f"{self.manifest_path}: expected a JSON object, found {type(self.manifest).__name__}")
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise DataError(
                 f"{self.manifest_path}: format {self.manifest.get('format')!r} version "
                 f"{self.manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}"
             )
+        self._check_manifest()
         rows = [s["rows"] for s in self.manifest["shards"]]
-        if sum(rows) != self.manifest["rows"]:
-            raise DataError(f"{self.manifest_path}: shards hold {sum(rows)} rows, manifest says {self.manifest['rows']}")
         self._starts = np.cumsum([0] + rows[:-1]).tolist()
         self._arrays: list[np.ndarray | None] = [None] * len(rows)
+        total = 0
+        for shard in range(len(rows)):  # headers now: fail before training, not at row 2,000,000
+            total += self._open(shard).nbytes
+        if total <= self.SCAN_BYTES:
+            for shard in range(len(rows)):
+                self._check_finite(self._open(shard), shard)
+        self._arrays = [None] * len(rows)  # workers map their own
+
+    def _check_manifest(self) -> None:
+        m, where = self.manifest, self.manifest_path
+        for key, kind in (("rows", int), ("text_embed_dim", int), ("max_length", int), ("shards", list),
+                          ("captions_sha256", str), ("dtype", str)):
+            value = m.get(key)
+            if key not in m:
+                raise DataError(f"{where}: missing key {key!r}")
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise DataError(f"{where}: key {key!r} must be a {kind.__name__}, got {value!r:.80}")
+        if m["rows"] < 0 or m["text_embed_dim"] <= 0 or m["max_length"] <= 0:
+            raise DataError(f"{where}: rows, text_embed_dim and max_length must be positive")
+        if m["dtype"] != "float16":
+            raise DataError(f"{where}: key 'dtype' is {m['dtype']!r}, expected 'float16'")
+        if m["rows"] > 0 and not m["shards"]:
+            raise DataError(f"{where}: key 'shards' is empty but the manifest says {m['rows']} rows")
+        for i, shard in enumerate(m["shards"]):
+            if (not isinstance(shard, dict) or not isinstance(shard.get("file"), str)
+                    or not isinstance(shard.get("rows"), int) or isinstance(shard.get("rows"), bool)
+                    or shard["rows"] < 0):
+                raise DataError(f"{where}: shards[{i}] must be {{'file': name, 'rows': count}}, got {shard!r:.80}")
+            if Path(shard["file"]).name != shard["file"]:
+                raise DataError(f"{where}: shards[{i}] file {shard['file']!r} must be a file name in the cache folder")
+        total = sum(s["rows"] for s in m["shards"])
+        if total != m["rows"]:
+            raise DataError(f"{where}: shards hold {total} rows, manifest says {m['rows']}")
+
+    def _open(self, shard: int) -> np.ndarray:
+        if self._arrays[shard] is None:
+            info = self.manifest["shards"][shard]
+            path = self.dir / info["file"]
+            require_regular_file(path, f"cache shard (listed in {self.manifest_path})")
+            try:
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as error:  # cut short, not .npy, pickled objects
+                raise DataError(f"{path}: not a readable .npy shard (truncated or damaged?): {error}") from error
+            expected = (info["rows"], self.manifest["max_length"], self.manifest["text_embed_dim"])
+            if not isinstance(array, np.ndarray) or array.shape != expected:
+                raise DataError(f"{path}: shape {getattr(array, 'shape', None)}, manifest says {expected}")
+            if array.dtype != np.float16:
+                raise DataError(f"{path}: dtype {array.dtype}, the cache format is float16")
+            self._arrays[shard] = array
+        return self._arrays[shard]
+
+    def _check_finite(self, array: np.ndarray, shard: int, first_row: int = 0) -> None:
+        finite = np.isfinite(array).reshape(array.shape[0], -1).all(axis=1) if array.size else np.ones(0, bool)
+        if not finite.all():
+            row = int(np.argmin(finite))
+            path = self.dir / self.manifest["shards"][shard]["file"]
+            raise DataError(f"{path}: row {first_row + row} (cache row {self._starts[shard] + first_row + row}) "
+                            "holds NaN or infinite values; remake the cache")
 
     def __len__(self) -> int:
         return self.manifest["rows"]
@@ -156,14 +226,10 @@ class CaptionCache:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.manifest_path}: row {index} of {len(self)}")
         shard = bisect.bisect_right(self._starts, index) - 1
-        if self._arrays[shard] is None:
-            info = self.manifest["shards"][shard]
-            array = np.load(self.dir / info["file"], mmap_mode="r")
-            expected = (info["rows"], self.manifest["max_length"], self.manifest["text_embed_dim"])
-            if array.shape != expected:
-                raise DataError(f"{self.dir / info['file']}: shape {array.shape}, manifest says {expected}")
-            self._arrays[shard] = array
-        return self._arrays[shard][index - self._starts[shard]]
+        local = index - self._starts[shard]
+        row = self._open(shard)[local]
+        self._check_finite(row[None], shard, local)
+        return row
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
         """(len(indices), 77, d) float16."""

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmgen.data.images import load_image
 from mmgen.errors import DataError
+from mmgen.files import inside_root, read_text
 
 
 @dataclass(frozen=True)
@@ -28,18 +29,25 @@ class CaptionRecord:
 
 
 def read_caption_tsv(
-    tsv_path: Path, image_dir: Path, caption_column: str, image_column: str
+    tsv_path: Path, image_dir: Path, caption_column: str, image_column: str, allow_outside_paths: bool = False
 ) -> list[CaptionRecord]:
     """Parse and validate a caption TSV; raises `DataError` naming the file, line or column at fault.
 
     Fields are split on tabs only, with no quoting: CC3M captions contain quote characters, and
-    a csv dialect would treat them as quoting. Blank lines carry nothing and are skipped.
+    a csv dialect would treat them as quoting. Blank lines carry nothing and are skipped. The
+    file must be UTF-8; image paths must stay inside ``image_dir`` unless ``allow_outside_paths``.
     """
-    if not tsv_path.is_file():
+    tsv_path = Path(tsv_path)
+    if not tsv_path.exists():
         raise DataError(f"caption file not found: {tsv_path}")
-    lines = tsv_path.read_text(encoding="utf-8-sig").splitlines()  # -sig: tolerate a BOM
-    if not lines:
-        raise DataError(f"{tsv_path}: empty file, expected a header row")
+    text = read_text(tsv_path, "caption file", allow_empty=True)  # UTF-8 (a BOM tolerated)
+    # Lines end at "\n" (and "\r\n") only: splitlines() would also cut at U+2028 or a form feed
+    # inside a caption and report a wrong field count.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines or not lines[0].strip():
+        raise DataError(f"{tsv_path}, line 1: empty file or header, expected a header row naming the columns")
     header = lines[0].split("\t")
     for column in (caption_column, image_column):
         if column not in header:
@@ -63,7 +71,11 @@ def read_caption_tsv(
             raise DataError(f"{tsv_path}, line {line_number}: empty {caption_column!r}")
         if not image:
             raise DataError(f"{tsv_path}, line {line_number}: empty {image_column!r}")
-        records.append(CaptionRecord(caption, image_dir / image, line_number))
+        path = inside_root(Path(image), Path(image_dir), f"{tsv_path}, line {line_number}",
+                           f"{image_column!r}", allow_outside_paths)
+        records.append(CaptionRecord(caption, path, line_number))
+    if not records:
+        raise DataError(f"{tsv_path}: no data rows after the header (empty split)")
     return records
 
 
@@ -78,10 +90,12 @@ class CaptionImageDataset(Dataset):
         caption_column: str = "caption",
         image_column: str = "image",
         check_images: bool = True,
+        allow_outside_paths: bool = False,
     ) -> None:
         self.tsv_path = Path(tsv_path)
         self.image_size = image_size
-        self.records = read_caption_tsv(self.tsv_path, Path(image_dir), caption_column, image_column)
+        self.records = read_caption_tsv(self.tsv_path, Path(image_dir), caption_column, image_column,
+                                        allow_outside_paths)
         if check_images:  # fail at start-up, not hours into an epoch
             for record in self.records:
                 if not record.image_path.is_file():
@@ -133,6 +147,9 @@ class CaptionDataModule(pl.LightningDataModule):
         check_images: Check at start-up that every image file exists (slow for millions of rows on
             a network file system; a missing image then fails when it is loaded).
         seed: Seed of the training shuffle order, so runs are reproducible.
+        allow_outside_paths: Let image paths in the TSV files be absolute or climb out of
+            ``image_dir`` with ``..``. Off by default: a downloaded file must not make training
+            read files from anywhere on the disk.
     """
 
     def __init__(
@@ -147,8 +164,10 @@ class CaptionDataModule(pl.LightningDataModule):
         image_column: str = "image",
         check_images: bool = True,
         seed: int = 0,
+        allow_outside_paths: bool = False,
     ) -> None:
         super().__init__()
+        self.allow_outside_paths = allow_outside_paths
         self.train_tsv = train_tsv
         self.val_tsv = val_tsv
         self.image_dir = image_dir
@@ -170,6 +189,7 @@ class CaptionDataModule(pl.LightningDataModule):
             caption_column=self.caption_column,
             image_column=self.image_column,
             check_images=self.check_images,
+            allow_outside_paths=self.allow_outside_paths,
         )
 
     def setup(self, stage: str | None = None) -> None:

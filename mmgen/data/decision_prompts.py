@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmgen.components.decision_head import DECISIONS
 from mmgen.errors import DataError
+from mmgen.files import read_text
 
 LABELS = {name: index for index, name in enumerate(DECISIONS)}  # generate: 0, retrieve: 1
 
@@ -36,9 +37,12 @@ class DecisionPrompt:
 
 def read_decision_prompts(path: str | Path) -> list[DecisionPrompt]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"decision prompt file not found: {path}")
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    text = read_text(path, "decision prompt file", allow_empty=True)
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
     if not lines or lines[0].split("\t") != ["text", "label"]:
         got = lines[0].split("\t") if lines else "an empty file"
         raise DataError(f"{path}, line 1: expected the header ['text', 'label'], found {got}")
@@ -109,7 +113,9 @@ class DecisionPromptDataModule(pl.LightningDataModule):
         val_file: Validation prompts; None: no validation.
         batch_size: Prompts per batch.
         write_example: Write the toy example file to ``train_file`` (and ``val_file``, another
-            seed) when missing: the tiny config's data, generated like the toy world.
+            seed) when missing: the tiny config's data, generated like the toy world. Only paths
+            inside a ``.cache`` folder are written: a mistyped path elsewhere is an error, not a
+            file of made-up prompts to train on.
         seed: Seed of the training shuffle order (and of the generated examples).
     """
 
@@ -133,7 +139,12 @@ class DecisionPromptDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.write_example:
             for offset, path in enumerate((self.train_file, self.val_file)):
-                if path is not None and not Path(path).is_file():
+                if path is not None and not Path(path).exists():
+                    if ".cache" not in Path(path).parts:
+                        raise DataError(
+                            f"decision prompt file not found: {path} (write_example only writes generated "
+                            "toy prompts inside a .cache folder; is the path mistyped?)"
+                        )
                     write_example_decision_prompts(path, seed=self.seed + offset)
 
     def setup(self, stage: str | None = None) -> None:

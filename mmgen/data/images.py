@@ -14,6 +14,7 @@ support when they shrink, so a 512 px photo brought to 224 px is filtered, not s
   generate, so nothing of the target picture is cut away.
 """
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from mmgen.errors import DataError
+from mmgen.files import require_regular_file
 
 Fit = Literal["crop", "pad"]
 Interpolation = Literal["bicubic", "bilinear"]
@@ -64,14 +68,27 @@ def load_image(
         flip: Mirror left-right (training augmentation; the caller draws the coin).
         background: Padding colour for ``fit="pad"``.
 
-    Raises whatever PIL raises for a missing or undecodable file; callers add the context.
+    A path that is not a regular file, and an image of more pixels than PIL's
+    ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb), raise DataError naming the file; otherwise
+    raises whatever PIL raises for a missing or undecodable file, and callers add the context.
     """
     if fit not in ("crop", "pad"):
         raise ValueError(f"unknown fit {fit!r}; expected 'crop' or 'pad'")
     if interpolation not in _INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {list(_INTERPOLATIONS)}")
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")  # decodes now (PIL is lazy); also drops alpha and palettes
+    require_regular_file(path, "image")  # a named pipe would block the open forever
+    with warnings.catch_warnings():
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; both are refused here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                width, height = image.size  # from the header, before decoding
+                if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                    raise DataError(f"{path}: image of {width}x{height} pixels exceeds the limit of "
+                                    f"{Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?); refused")
+                rgb = image.convert("RGB")  # decodes now (PIL is lazy); also drops alpha and palettes
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise DataError(f"{path}: image too large to decode safely (a decompression bomb?): {error}") from None
     if fit == "pad":
         rgb = pad_to_square(rgb, background)
     # On a PIL image this is PIL's resize, which is always antialiased.

@@ -149,11 +149,14 @@ class SampleDataset(Dataset):
             image from torch's generator (seeded per worker by the DataLoader). Default: in the
             training split, as the reference's training transforms do.
         check_images: Check at start-up that every image exists.
+        allow_outside_paths: Let image paths in the data files be absolute or climb out of the
+            image folder with ``..``. Off by default: a downloaded annotation file must not make
+            training read files from anywhere on the disk.
     """
 
     def __init__(self, split: Split = "train", input_image_size: int = 224, output_image_size: int = 512,
                  image_preprocessing: ImagePreprocessing = "minigpt5", random_flip: bool | None = None,
-                 check_images: bool = True):
+                 check_images: bool = True, allow_outside_paths: bool = False):
         check_split(split)
         if image_preprocessing not in IMAGE_PREPROCESSING:
             raise ConfigError(f"unknown image_preprocessing {image_preprocessing!r}; "
@@ -163,7 +166,16 @@ class SampleDataset(Dataset):
         self.image_preprocessing = image_preprocessing
         self.random_flip = split == "train" if random_flip is None else random_flip
         self.check_images = check_images
+        self.allow_outside_paths = allow_outside_paths
         self._samples: list[Sample] | None = None
+
+    @property
+    def source_file(self) -> str:
+        """The data file the samples come from, for error messages."""
+        for name in ("json_path", "jsonl_path", "tsv_path"):
+            if getattr(self, name, None) is not None:
+                return str(getattr(self, name))
+        return type(self).__name__
 
     def build(self) -> list[Sample]:
         raise NotImplementedError
@@ -172,6 +184,9 @@ class SampleDataset(Dataset):
     def samples(self) -> list[Sample]:
         if self._samples is None:
             samples = self.build()
+            if not samples:  # an empty split would fail later as "num_samples=0", naming nothing
+                raise DataError(f"{self.source_file}: no samples in the {self.split} split (empty file, or "
+                                "every record filtered out)")
             for sample in samples:
                 sample.check()
                 if self.check_images:  # fail at start-up, not hours into an epoch
@@ -229,8 +244,8 @@ class CaptionGenerationDataset(SampleDataset):
             100); 0 for none.
         system_prompt: Prefix of the instruction samples.
         seed: Seed of the instruction phrasings.
-        input_image_size, output_image_size, image_preprocessing, random_flip, check_images:
-            see :class:`SampleDataset`.
+        input_image_size, output_image_size, image_preprocessing, random_flip, check_images,
+        allow_outside_paths: see :class:`SampleDataset`.
     """
 
     def __init__(
@@ -248,8 +263,10 @@ class CaptionGenerationDataset(SampleDataset):
         image_preprocessing: ImagePreprocessing = "minigpt5",
         random_flip: bool | None = None,
         check_images: bool = True,
+        allow_outside_paths: bool = False,
     ):
-        super().__init__(split, input_image_size, output_image_size, image_preprocessing, random_flip, check_images)
+        super().__init__(split, input_image_size, output_image_size, image_preprocessing, random_flip, check_images,
+                         allow_outside_paths)
         if instruction_every < 0:
             raise ConfigError(f"instruction_every must be >= 0, got {instruction_every}")
         self.tsv_path, self.image_dir = Path(tsv_path), Path(image_dir)
@@ -258,7 +275,8 @@ class CaptionGenerationDataset(SampleDataset):
 
     def build(self) -> list[Sample]:
         rng = random.Random(self.seed)
-        records = read_caption_tsv(self.tsv_path, self.image_dir, self.caption_column, self.image_column)
+        records = read_caption_tsv(self.tsv_path, self.image_dir, self.caption_column, self.image_column,
+                                   self.allow_outside_paths)
         samples = []
         for row, record in enumerate(records):
             origin = f"{self.tsv_path}, line {record.line}"

@@ -33,6 +33,7 @@ from mmgen.data.minigpt5_samples import (
     ASSISTANT, END, HUMAN, IMAGE_IN_PROMPT, VOKEN_STRING, ImagePreprocessing, Sample, SampleDataset, Split,
 )
 from mmgen.errors import ConfigError, DataError
+from mmgen.files import inside_root, read_text
 
 MMDIALOG_SYSTEM_PROMPT = (
     "Give the following images in <Img>ImageContent</Img> format. "
@@ -108,8 +109,8 @@ class MMDialogDataset(SampleDataset):
             ``"error"``: a DataError naming the file, line and turn.
         broken_media: Media ids treated as missing.
         system_prompt: Prefix of every source.
-        input_image_size, output_image_size, image_preprocessing, random_flip, check_images:
-            see :class:`~mmgen.data.minigpt5_samples.SampleDataset`.
+        input_image_size, output_image_size, image_preprocessing, random_flip, check_images,
+        allow_outside_paths: see :class:`~mmgen.data.minigpt5_samples.SampleDataset`.
     """
 
     def __init__(self, jsonl_path: str, image_dir: str | None = None, split: Split = "train",
@@ -118,8 +119,9 @@ class MMDialogDataset(SampleDataset):
                  broken_media: list[str] = BROKEN_MEDIA, system_prompt: str = MMDIALOG_SYSTEM_PROMPT,
                  input_image_size: int = 224, output_image_size: int = 512,
                  image_preprocessing: ImagePreprocessing = "minigpt5", random_flip: bool | None = None,
-                 check_images: bool = True):
-        super().__init__(split, input_image_size, output_image_size, image_preprocessing, random_flip, check_images)
+                 check_images: bool = True, allow_outside_paths: bool = False):
+        super().__init__(split, input_image_size, output_image_size, image_preprocessing, random_flip, check_images,
+                         allow_outside_paths)
         if missing_images not in ("stop", "error"):
             raise ConfigError(f"missing_images must be 'stop' or 'error', got {missing_images!r}")
         if split == "train" and max_turn_tokens is not None and tokenizer is None:
@@ -156,7 +158,8 @@ class MMDialogDataset(SampleDataset):
                 break
             image = None
             if media is not None:
-                image = self.image_dir / f"{media}.jpg"
+                image = inside_root(Path(f"{media}.jpg"), self.image_dir, f"{where}, turn {t}", "'__MEDIA__' id",
+                                    self.allow_outside_paths)
                 if media in self.broken_media or not image.is_file():
                     if self.missing_images == "error":
                         why = "a known broken image" if media in self.broken_media else "image not found"
@@ -166,12 +169,13 @@ class MMDialogDataset(SampleDataset):
         return turns
 
     def build(self) -> list[Sample]:
-        if not self.jsonl_path.is_file():
+        if not self.jsonl_path.exists():
             raise DataError(f"MMDialog file not found: {self.jsonl_path}")
+        text = read_text(self.jsonl_path, "MMDialog file")  # a regular, non-empty UTF-8 file
         count_tokens = self._token_counter()
         samples = []
         # Lines end at "\n" only: a JSON string may hold a raw U+2028, which splitlines() would cut at.
-        for line_number, line in enumerate(self.jsonl_path.read_text(encoding="utf-8").split("\n"), start=1):
+        for line_number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             where = f"{self.jsonl_path}, line {line_number}"

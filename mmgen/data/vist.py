@@ -38,6 +38,7 @@ from mmgen.data.minigpt5_samples import (
     require_text,
 )
 from mmgen.errors import ConfigError, DataError
+from mmgen.files import inside_root, read_text
 
 TASKS = ("generate", "next", "understand")
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".gif")
@@ -68,10 +69,11 @@ Story = tuple[str, list[tuple[str, str]]]  # (story id, [(caption, image key)] i
 
 # -- reading -------------------------------------------------------------------------------------
 def _read_json(path: Path, what: str) -> object:
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"VIST {what} not found: {path}")
+    text = read_text(path, f"VIST {what}")  # a regular, non-empty UTF-8 file
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON: {error}") from error
 
@@ -81,6 +83,8 @@ def read_cleaned_stories(json_path: Path, data: object) -> list[Story]:
     (the reference takes them in file order; its files are written in that order)."""
     if not isinstance(data, dict):
         raise DataError(f"{json_path}: expected {{story_id: [steps]}} or an SIS json object")
+    if not data:
+        raise DataError(f"{json_path}: no stories (empty split)")
     stories = []
     for story_id, steps in data.items():
         where = f"{json_path}, story {story_id}"
@@ -125,7 +129,16 @@ def read_sis_stories(json_path: Path, data: dict) -> list[Story]:
         if not isinstance(order, int) or isinstance(order, bool):
             raise DataError(f"{where}: 'worker_arranged_photo_order' must be an integer, got {order!r}")
         text = require_text(record["text"], f"{where} (story {record['story_id']})", "text").strip()
-        steps[str(record["story_id"])].append((order, text, str(record["photo_flickr_id"])))
+        if not text:
+            raise DataError(f"{where} (story {record['story_id']}): empty 'text'")
+        photo = record["photo_flickr_id"]
+        if not isinstance(photo, (str, int)) or isinstance(photo, bool) or str(photo) == "":
+            raise DataError(f"{where}: 'photo_flickr_id' must be an id string, got {photo!r:.80}")
+        if not isinstance(record["story_id"], (str, int)) or isinstance(record["story_id"], bool):
+            raise DataError(f"{where}: 'story_id' must be a string, got {record['story_id']!r:.80}")
+        steps[str(record["story_id"])].append((order, text, str(photo)))
+    if not steps:
+        raise DataError(f"{json_path}: 'annotations' holds no stories (empty split)")
     stories = []
     for story_id, items in steps.items():
         orders = sorted(o for o, _, _ in items)
@@ -218,16 +231,17 @@ class VISTDataset(SampleDataset):
             evaluation); not a reference option.
         system_prompt: Prefix of every source.
         seed: Seed of the phrasing draws.
-        input_image_size, output_image_size, image_preprocessing, random_flip, check_images:
-            see :class:`~mmgen.data.minigpt5_samples.SampleDataset`.
+        input_image_size, output_image_size, image_preprocessing, random_flip, check_images,
+        allow_outside_paths: see :class:`~mmgen.data.minigpt5_samples.SampleDataset`.
     """
 
     def __init__(self, json_path: str, image_dir: str | None = None, image_mapping: str | None = None,
                  split: Split = "train", tasks: list[str] = TASKS, last_step_only: bool = False,
                  system_prompt: str = VIST_SYSTEM_PROMPT, seed: int = 0, input_image_size: int = 224,
                  output_image_size: int = 512, image_preprocessing: ImagePreprocessing = "minigpt5",
-                 random_flip: bool | None = None, check_images: bool = True):
-        super().__init__(split, input_image_size, output_image_size, image_preprocessing, random_flip, check_images)
+                 random_flip: bool | None = None, check_images: bool = True, allow_outside_paths: bool = False):
+        super().__init__(split, input_image_size, output_image_size, image_preprocessing, random_flip, check_images,
+                         allow_outside_paths)
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ConfigError(f"unknown VIST tasks {unknown}; tasks are {TASKS}")
@@ -239,7 +253,8 @@ class VISTDataset(SampleDataset):
 
     def _sis_image_path(self, photo_id: str) -> Path:
         for ext in IMAGE_EXTENSIONS:
-            path = self.image_dir / f"{photo_id}{ext}"
+            path = inside_root(Path(f"{photo_id}{ext}"), self.image_dir, f"{self.json_path}, photo {photo_id}",
+                               "'photo_flickr_id'", self.allow_outside_paths)
             if path.is_file():
                 return path
         return self.image_dir / f"{photo_id}.jpg"  # missing: reported by the image check
@@ -255,7 +270,8 @@ class VISTDataset(SampleDataset):
                 if key not in mapping:
                     raise DataError(f"{self.json_path}, story {story_id}, step {k}: image_id {key} "
                                     f"is not in {mapping_path}")
-        return {key: self.image_dir / mapping[key] for key in keys}
+        return {key: inside_root(Path(mapping[key]), self.image_dir, f"{mapping_path}, image {key}", "image path",
+                                 self.allow_outside_paths) for key in keys}
 
     def build(self) -> list[Sample]:
         stories, cleaned = read_vist_stories(self.json_path)

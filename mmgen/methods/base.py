@@ -10,6 +10,7 @@ import torch
 from mmgen.errors import ConfigError
 from mmgen.methods.losses import gather_keeping_local_grad, infonce_terms, scale_gradient
 from mmgen.methods.optim import Optim, build_optimizer
+from mmgen.methods.trainability import ParamGroup
 from mmgen.registry import Registered
 
 
@@ -69,16 +70,36 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
     #: (FROMAGe and GILL do; subclasses set it from their init arguments).
     rescale_new_rows: bool = False
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: a checkpoint callback saves at the batch end before
+        # the module's own hook runs, and a resumed run must see the rescaled rows.
         if self.rescale_new_rows:
             self.llm.rescale_new_rows()
 
+    # -- what trains: declared once (mmgen.methods.trainability) ---------------------------------
+    def parameter_groups(self) -> dict[str, ParamGroup]:
+        """Every parameter training may change, by named group (built model only)."""
+        raise NotImplementedError
+
+    def apply_trainability(self) -> None:
+        """``requires_grad`` from :meth:`parameter_groups`: the grouped parameters of training
+        groups, nothing else. Methods call it at the end of ``configure_model``, before any
+        strategy wraps the model."""
+        self.requires_grad_(False)
+        for group in self.parameter_groups().values():
+            for param in group.params:
+                param.requires_grad_(group.train)
+
     def configure_optimizers(self):
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        return build_optimizer(self, self.optim, int(total) if total != float("inf") else 0)
+        return build_optimizer(self.parameter_groups(), self.optim, int(total) if total != float("inf") else 0)
 
     def trainable_state_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        """Names of the parameters checkpoints and pretrained folders store: every grouped one,
+        trained in this run or not."""
+        ids = {id(p) for group in self.parameter_groups().values() for p in group.params}
+        return {name for name, p in self.named_parameters() if id(p) in ids}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trainable_state_keys()
@@ -89,18 +110,88 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if not isinstance(v, torch.nn.Module)}
         if hasattr(self, "training_rng"):
             self._save_rng_states(checkpoint)
+        self._save_global_rng_states(checkpoint)
+
+    # torch's global generators (dropout, DataLoader base seeds), per process, so that a
+    # resumed run draws what the uninterrupted one would have drawn.
+    def _save_global_rng_states(self, checkpoint: dict) -> None:
+        states = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        for key, state in list(states.items()):
+            if world > 1:
+                gathered = self.all_gather(state.to(self.device))  # (world, n)
+                states[key] = [s.cpu() for s in gathered.reshape(world, -1)]
+            else:
+                states[key] = [state.cpu()]
+        checkpoint["mmgen_torch_rng_states"] = states
+
+    def _load_global_rng_states(self, checkpoint: dict) -> None:
+        states = checkpoint.get("mmgen_torch_rng_states")
+        if not states or self._trainer is None or self.trainer.state.fn != "fit":
+            return  # only a resumed fit continues the draws (not inference or evaluation)
+        rank, world = self.global_rank, self.trainer.world_size
+        if len(states.get("cpu", [])) != world:
+            return  # _load_rng_states has warned about a changed world size
+        torch.set_rng_state(states["cpu"][rank].to(torch.uint8))
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"][rank].to(torch.uint8))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected, found = self.trainable_state_keys(), set(checkpoint["state_dict"])
         missing, unexpected = sorted(expected - found), sorted(found - expected)
+        source = (self._trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
+        params = dict(self.named_parameters())
+        for name in sorted(expected & found):
+            stored = checkpoint["state_dict"][name]
+            if tuple(stored.shape) != tuple(params[name].shape):
+                raise ConfigError(f"{source}: {name} has shape {tuple(stored.shape)}, this model's is "
+                                  f"{tuple(params[name].shape)} (a checkpoint of another model config?)")
         if missing or unexpected:
             raise ConfigError(
-                "checkpoint does not match this model's trainable parameters: "
+                f"{source} does not match this model's trainable parameters: "
                 f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                 f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
             )
         if hasattr(self, "training_rng"):
             self._load_rng_states(checkpoint)
+        self._load_global_rng_states(checkpoint)
+        self._apply_changed_lr(checkpoint)
+
+    def _apply_changed_lr(self, checkpoint: dict) -> None:
+        """A resume whose config changes ``optim.lr``: scale the restored optimizer and scheduler
+        states (which would otherwise bring the old rate back) by new / old."""
+        stored = (checkpoint.get("hyper_parameters") or {}).get("optim")
+        old = stored.get("lr") if isinstance(stored, dict) else getattr(stored, "lr", None)
+        if old is None or not self.optim.lr or float(old) == float(self.optim.lr) or float(old) == 0:
+            return
+        ratio = float(self.optim.lr) / float(old)
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                for key in ("lr", "initial_lr"):
+                    if key in group:
+                        group[key] = group[key] * ratio
+        for state in checkpoint.get("lr_schedulers", []):
+            for key in ("base_lrs", "_last_lr"):
+                if isinstance(state.get(key), list):
+                    state[key] = [v * ratio for v in state[key]]
+        warnings.warn(f"resuming with optim.lr={self.optim.lr} instead of the checkpoint's {old}: "
+                      "the restored optimizer and schedule are scaled to it")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Rebuild the model from the config stored in ``checkpoint_path`` and load its trained
+        tensors. The file is read weights-only (never unpickling objects), and an empty,
+        truncated, foreign or non-checkpoint file raises ConfigError naming it."""
+        from mmgen.checkpoints import load_checkpoint
+
+        if isinstance(checkpoint_path, (str, bytes)) or hasattr(checkpoint_path, "__fspath__"):
+            if "://" not in str(checkpoint_path):
+                load_checkpoint(checkpoint_path)  # the checks, with the file's name in every error
+        kwargs["weights_only"] = True
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
+                                            hparams_file=hparams_file, strict=strict, **kwargs)
 
     def save_pretrained(self, directory) -> None:
         """Write this model as a pretrained folder (config, trained tensors, card): mmgen.pretrained."""
@@ -109,11 +200,12 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory) -> "MultimodalLM":
-        """Build the model of a pretrained folder (offline, backbones from their sources)."""
+    def from_pretrained(cls, directory, allow_modules: tuple[str, ...] = ()) -> "MultimodalLM":
+        """Build the model of a pretrained folder (offline, backbones from their sources). Its
+        config may name registered mmgen components only, or classes in ``allow_modules``."""
         from mmgen.pretrained import load_pretrained
 
-        model = load_pretrained(directory)
+        model = load_pretrained(directory, allow_modules=allow_modules)
         if not isinstance(model, cls):
             raise ConfigError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
         return model

@@ -21,6 +21,7 @@ from mmgen.data.interleave import ImageSlot, Text, collate, pack_pairs
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.retrieval_metrics import RetrievalMetrics
 from mmgen.methods.optim import Optim
+from mmgen.methods.trainability import ParamGroup
 
 RET_TOKEN = "[RET]"
 # The official vocabulary: OPT's tokenizer + <|image|> (a frozen row, never used in training)
@@ -82,6 +83,16 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
         self.visual_prefix.configure(self.visual_encoder.feature_dim, self.llm.embed_dim)
         self.retrieval_head.configure(self.llm.hidden_size, self.visual_encoder.feature_dim)
         self.ret_id = self.llm.token_id(RET_TOKEN)
+        self.apply_trainability()
+
+    def parameter_groups(self) -> dict[str, ParamGroup]:
+        """The [RET] row (no weight decay: one embedding), the visual prefix and the retrieval
+        projections with the temperature: 5.51M parameters at full size."""
+        return {
+            "tokens": ParamGroup(self.llm.parameter_groups()["tokens"], weight_decay=False),
+            "visual_prefix": ParamGroup(list(self.visual_prefix.parameters())),
+            "retrieval_head": ParamGroup(list(self.retrieval_head.parameters())),
+        }
 
     # -- the objective ---------------------------------------------------------------------------
     def caption_ids(self, caption: str) -> list[int]:

@@ -31,6 +31,7 @@ from mmgen.data.interleave import ImageSlot, Interleaved, Text, collate, pack_pa
 from mmgen.errors import ConfigError, DataError
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.optim import Optim
+from mmgen.methods.trainability import ParamGroup
 from mmgen.methods.retrieval_metrics import RetrievalMetrics
 
 
@@ -136,6 +137,17 @@ class GILL(RetrievalMetrics, MultimodalLM):
             out_dim = self.image_generator.text_embed_dim
         self.gen_mapper.configure(self.llm.hidden_size, out_dim)
         self.img_ids = [self.llm.token_id(t) for t in img_tokens(self.n_img_tokens)]
+        self.apply_trainability()
+
+    def parameter_groups(self) -> dict[str, ParamGroup]:
+        """The [IMG] rows (no weight decay: one embedding each), the visual prefix, the
+        retrieval projections with the temperature, and the GILLMapper: 50.1M at full size."""
+        return {
+            "tokens": ParamGroup(self.llm.parameter_groups()["tokens"], weight_decay=False),
+            "visual_prefix": ParamGroup(list(self.visual_prefix.parameters())),
+            "retrieval_head": ParamGroup(list(self.retrieval_head.parameters())),
+            "gen_mapper": ParamGroup(list(self.gen_mapper.parameters())),
+        }
 
     # -- inputs ----------------------------------------------------------------------------------
     @property

@@ -23,6 +23,7 @@ from mmgen.errors import ConfigError
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.gill import GILL
 from mmgen.methods.optim import Optim
+from mmgen.methods.trainability import ParamGroup
 
 
 class GILLDecisionStage(MultimodalLM):
@@ -57,12 +58,23 @@ class GILLDecisionStage(MultimodalLM):
         self.gill.configure_model()
         if self.gill_checkpoint is not None:
             self._load_gill(self.gill_checkpoint)
-        self.gill.requires_grad_(False).eval()
+        self.gill.eval()
         self.decision_head.configure(self.gill.llm.hidden_size)
+        self.apply_trainability()
+
+    def parameter_groups(self) -> dict[str, ParamGroup]:
+        """The decision module alone; the GILL model is frozen."""
+        return {"decision_head": ParamGroup(list(self.decision_head.parameters()))}
 
     def _load_gill(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+        from mmgen.checkpoints import read_tensors
+
+        state = read_tensors(path, "GILL checkpoint")  # weights-only; names the file on any fault
+        own = self.gill.state_dict()
+        for name, tensor in state.items():
+            if name in own and tuple(tensor.shape) != tuple(own[name].shape):
+                raise ConfigError(f"{path}: {name} has shape {tuple(tensor.shape)}, this GILL model's is "
+                                  f"{tuple(own[name].shape)}")
         missing = sorted(self.gill.trainable_state_keys() - set(state))
         unknown = sorted(set(state) - set(self.gill.state_dict()))
         if missing or unknown:

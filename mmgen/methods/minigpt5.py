@@ -28,6 +28,7 @@ from mmgen.data.minigpt5_samples import END, IMAGE_PLACEHOLDER, N_VOKENS, VOKENS
 from mmgen.errors import ConfigError
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.optim import Optim
+from mmgen.methods.trainability import ParamGroup
 from mmgen.methods.stages import Stage, get_stage
 
 
@@ -115,29 +116,30 @@ class MiniGPT5(MultimodalLM):
             self.load_initial_weights(self.init_from, self.init_reset)
         if self.stage is not None:  # before any strategy wraps the model: DDP sees the final set
             self.apply_stage(self.stage)
+        else:
+            self.apply_trainability()
 
     # -- what trains -----------------------------------------------------------------------------
-    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Everything that can train, by group: ``vokens``, ``adapter`` (from the LLM) and the
-        mapper's ``fc``, ``transformer``, ``queries``."""
+    def parameter_groups(self) -> dict[str, ParamGroup]:
+        """``vokens`` (the 9 new rows, no weight decay) and ``adapter`` (LoRA or prefix) from the
+        LLM, and the mapper's ``fc``, ``transformer``, ``queries``. The stage decides which
+        train and at what learning rate (no stage: all, at the base rate)."""
         llm = self.llm.parameter_groups()
-        groups = {"vokens": llm["tokens"], "adapter": llm["adapter"]}
-        groups.update({name: list(m.parameters()) for name, m in self.mapper.groups().items()})
+        groups = {"vokens": ParamGroup(llm["tokens"], weight_decay=False), "adapter": ParamGroup(llm["adapter"])}
+        groups.update({name: ParamGroup(list(m.parameters())) for name, m in self.mapper.groups().items()})
+        if self.stage is not None:
+            for name, group in groups.items():
+                group.train = name in self.stage.train
+                group.lr_scale = self.stage.lr_scale.get(name, 1.0)
         return groups
 
     def apply_stage(self, stage: Stage) -> None:
-        groups = self.parameter_groups()
-        unknown = (set(stage.train) | set(stage.lr_scale)) - set(groups)
+        names = set(self.parameter_groups())
+        unknown = (set(stage.train) | set(stage.lr_scale)) - names
         if unknown:
-            raise ConfigError(f"stage {stage.name!r} names unknown groups {sorted(unknown)}; groups are {sorted(groups)}")
-        not_scalable = set(stage.lr_scale) - set(self.mapper.groups())
-        if not_scalable:
-            raise ConfigError(f"stage {stage.name!r}: lr_scale only for mapper groups, not {sorted(not_scalable)}")
-        for name, params in groups.items():
-            for p in params:
-                p.requires_grad_(name in stage.train)
-        for name, module in self.mapper.groups().items():
-            module.lr_scale = stage.lr_scale.get(name, 1.0)  # read by optim.param_groups
+            raise ConfigError(f"stage {stage.name!r} names unknown groups {sorted(unknown)}; groups are {sorted(names)}")
+        self.stage = stage
+        self.apply_trainability()
         self._applied_stage = stage
 
     @property
@@ -155,21 +157,16 @@ class MiniGPT5(MultimodalLM):
             self.apply_stage(self.stage)
         return super().configure_optimizers()
 
-    def trainable_state_keys(self) -> set[str]:
-        # Every group that trains in some stage, whatever trains now: a stage-2 checkpoint still
-        # carries the stage-1 fc and queries, so it is complete on its own.
-        ids = {id(p) for params in self.parameter_groups().values() for p in params}
-        return {name for name, p in self.named_parameters() if id(p) in ids}
-
     def load_initial_weights(self, path: str, reset: list[str] = ()) -> None:
         """Copy a checkpoint's trainable tensors into this model (stage 2 from stage 1). Every
         checkpoint tensor must exist here with the same shape, and every group not in ``reset``
         must be in the checkpoint."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
+        from mmgen.checkpoints import read_tensors
+
+        state = read_tensors(path, "init_from checkpoint")  # weights-only; names the file on any fault
         params = dict(self.named_parameters())
         names = {id(p): n for n, p in params.items()}
-        groups = {g: {names[id(p)] for p in ps} for g, ps in self.parameter_groups().items()}
+        groups = {g: {names[id(p)] for p in group.params} for g, group in self.parameter_groups().items()}
         keep = set().union(*(groups[g] for g in groups if g not in reset))
         unexpected = sorted(set(state) - set().union(*groups.values()))
         missing = sorted(keep - set(state))

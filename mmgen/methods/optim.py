@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from mmgen.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mmgen.methods.trainability import ParamGroup
 
 
 @dataclass
@@ -15,7 +19,7 @@ class Optim:
     """AdamW with warmup, then constant, step-decayed or linearly decayed learning rate."""
 
     lr: float = 3e-4
-    """Base learning rate; a component's ``lr_scale`` multiplies it for that component."""
+    """Base learning rate; a parameter group's ``lr_scale`` multiplies it for that group."""
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -32,29 +36,29 @@ class Optim:
     total_steps: int = 0
 
 
-def _lr_scale_of(name: str, scales: dict[str, float]) -> float:
-    """The lr_scale of the deepest module prefix of parameter ``name`` that declares one."""
-    best, best_len = 1.0, -1
-    for prefix, scale in scales.items():
-        if (name == prefix or name.startswith(prefix + ".") or prefix == "") and len(prefix) > best_len:
-            best, best_len = scale, len(prefix)
-    return best
+def param_groups(groups: "dict[str, ParamGroup] | nn.Module", optim: Optim) -> list[dict]:
+    """AdamW groups from a method's declared parameter groups (``mmgen.methods.trainability``):
+    the groups that train, split into decayed matrices and undecayed parameters of fewer than 2
+    dimensions (biases, norms, scalars). A plain module: every parameter that requires grad,
+    peft's trainable-token rows undecayed."""
+    if isinstance(groups, nn.Module):
+        from mmgen.methods.trainability import ParamGroup
 
-
-def param_groups(module: nn.Module, optim: Optim) -> list[dict]:
-    """Trainable parameters grouped by (lr scale, weight decay). New token rows (peft's
-    trainable-token deltas) get no weight decay; modules may declare ``lr_scale`` (float)."""
-    scales = {name: float(m.lr_scale) for name, m in module.named_modules() if hasattr(m, "lr_scale")}
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
+        named = [(n, p) for n, p in groups.named_parameters() if p.requires_grad]
+        groups = {
+            "tokens": ParamGroup([p for n, p in named if "trainable_tokens" in n], weight_decay=False),
+            "rest": ParamGroup([p for n, p in named if "trainable_tokens" not in n]),
+        }
+    out = []
+    for group in groups.values():
+        if not group.train:
             continue
-        decay = optim.weight_decay > 0 and "trainable_tokens" not in name and param.ndim >= 2
-        groups.setdefault((_lr_scale_of(name, scales), decay), []).append(param)
-    return [
-        {"params": params, "lr": optim.lr * scale, "weight_decay": optim.weight_decay if decay else 0.0}
-        for (scale, decay), params in groups.items()
-    ]
+        decayed = [p for p in group.params if group.weight_decay and p.ndim >= 2]
+        plain = [p for p in group.params if not (group.weight_decay and p.ndim >= 2)]
+        for params, decay in ((decayed, optim.weight_decay), (plain, 0.0)):
+            if params:
+                out.append({"params": params, "lr": optim.lr * group.lr_scale, "weight_decay": decay})
+    return out
 
 
 def lr_factor(step: int, optim: Optim, total_steps: int) -> float:
@@ -75,9 +79,9 @@ def lr_factor(step: int, optim: Optim, total_steps: int) -> float:
     raise ValueError(f"Optim.schedule must be constant, step or linear, not {optim.schedule!r}")
 
 
-def build_optimizer(module: nn.Module, optim: Optim, total_steps: int):
-    """AdamW over ``param_groups`` with a per-step LambdaLR (Lightning config dict)."""
-    optimizer = torch.optim.AdamW(param_groups(module, optim), betas=tuple(optim.betas), eps=optim.eps)
+def build_optimizer(groups: "dict[str, ParamGroup] | nn.Module", optim: Optim, total_steps: int):
+    """AdamW over :func:`param_groups` with a per-step LambdaLR (Lightning config dict)."""
+    optimizer = torch.optim.AdamW(param_groups(groups, optim), betas=tuple(optim.betas), eps=optim.eps)
     total = optim.total_steps or total_steps
     if optim.schedule == "linear":
         lr_factor(optim.warmup_steps, optim, total)  # fails now, not at the end of warm-up
