@@ -37,8 +37,9 @@ def tool(name):
 def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
     import mmgen.components  # noqa: F401  (registers components so short class names resolve)
     import mmgen.methods  # noqa: F401
+    from mmgen.lightning_cli import MMGenCLI  # config-file, checkpoint and resume checks
 
-    return LightningCLI(
+    return MMGenCLI(
         MultimodalLM,
         LightningDataModule,
         subclass_mode_model=True,
@@ -59,8 +60,15 @@ def main(args: list[str] | None = None):
 
 def console_main() -> None:
     """The ``mmgen`` console script: like ``main``, but returns nothing, so that the process exit
-    status is 0 on success (a returned object would become exit status 1)."""
-    main()
+    status is 0 on success (a returned object would become exit status 1). A user error (bad
+    data, config or checkpoint) prints its one-sentence message, without a traceback, and exits 2."""
+    from mmgen.errors import ConfigError, DataError
+
+    try:
+        main()
+    except (ConfigError, DataError) as error:
+        print(f"mmgen: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @tool("components")

@@ -73,3 +73,26 @@ def test_a_linear_schedule_without_a_run_length_is_refused():
     model = _build(FROMAGe)
     with pytest.raises(ConfigError, match="total_steps"):
         build_optimizer(model.parameter_groups(), Optim(schedule="linear", warmup_steps=2), 0)
+
+
+def test_activation_checkpointing_of_the_frozen_llm_keeps_gradients(captions):
+    """Recomputing the frozen LLM's activations in the backward pass saves memory; the prefix,
+    [RET] row and projections still get the same gradients through it."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = FROMAGe(tiny_llm("opt", gradient_checkpointing=checkpointing), tiny_clip())
+        model.configure_model()
+        model.train()
+        calls = []
+        layer = model.llm.model.get_base_model().model.decoder.layers[0].fc1  # inside the checkpoint
+        layer.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        losses, _, _ = model.compute_losses(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), captions)
+        n_forward = len(calls)
+        losses["loss"].backward()
+        assert (len(calls) > n_forward) == checkpointing  # recomputed in the backward pass
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], grad, msg=name)

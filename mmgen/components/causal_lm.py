@@ -88,7 +88,10 @@ class CausalLM(LLMBackbone):
         self.added_token_ids = self._add_tokens(model, tokens, new_token_init)
         self.new_token_ids = [i for i, t in zip(self.added_token_ids, tokens) if t.trainable]
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # transformers recomputes a layer only while it is in training mode, and the frozen LM
+            # runs in eval mode (no dropout). So: no dropout at all, then its layers may train.
+            _disable_dropout(model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
 
         targets = self._token_targets(model)
@@ -204,11 +207,12 @@ class CausalLM(LLMBackbone):
 
     # -- training mode ---------------------------------------------------------------------------
     def train(self, mode: bool = True):
-        # The frozen LM always runs in eval mode (no dropout), as in the reference; an adapter's
-        # own stochastic parts (LoRA dropout) follow `mode`.
+        # The frozen LM runs without dropout, as in the reference (in eval mode, or in training
+        # mode with every dropout probability 0 when its activations are recomputed); an
+        # adapter's own stochastic parts (LoRA dropout) follow `mode`.
         super().train(mode)
         if self.model is not None:
-            self.model.eval()
+            self.model.train(mode and self.gradient_checkpointing)  # dropout is off either way
             if self.adapter is not None:
                 self.adapter.set_train_mode(self.model, mode)
         return self
@@ -278,3 +282,15 @@ class CausalLM(LLMBackbone):
             output_hidden_states=True,
         )
         return LMOutput(loss=out.loss, logits=out.logits, hidden=out.hidden_states[-1])
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    """Every dropout probability of ``model`` to 0: dropout modules and the float attributes
+    (``dropout``, ``attention_dropout``, OPT's ``layerdrop``, ...) that transformers layers use
+    in training mode."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if ("dropout" in name or "layerdrop" in name) and isinstance(value, float):
+                setattr(module, name, 0.0)

@@ -241,7 +241,9 @@ class StableDiffusion(ImageGenerator):
         from transformers import AutoTokenizer
 
         if self.tokenizer_name is not None:
-            return AutoTokenizer.from_pretrained(self.tokenizer_name)
+            from mmgen.components.tokenizers import load_tokenizer  # names a missing folder
+
+            return load_tokenizer(self.tokenizer_name)
         if self.name_or_path is None:
             return None
         try:

@@ -10,7 +10,6 @@ environment installed without them (``pip install --no-deps``, a prepared GPU im
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from mmgen.errors import ConfigError
@@ -56,8 +55,8 @@ def load_tokenizer(name_or_path: str, **kwargs):
     from transformers import AutoTokenizer
 
     name = str(name_or_path)
-    looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] \
-        or name.count("/") > 1 or Path(name).exists()
+    # A hub id is "name" or "org/name"; anything else names a local folder.
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
     if looks_local and not Path(name).expanduser().is_dir():
         what = "is not a folder" if Path(name).expanduser().exists() else "not found"
         raise ConfigError(f"{name}: tokenizer folder {what} (give a local tokenizer folder or a hub id)")

@@ -48,6 +48,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmgen.data.captions import CaptionDataModule, collate_captions, read_caption_tsv
+from mmgen.data.loading import shuffled_loader
 from mmgen.errors import DataError
 from mmgen.files import read_text, require_regular_file
 
@@ -326,6 +327,10 @@ class CachedCaptionDataModule(pl.LightningDataModule):
         if split not in self._caches:
             return self.data.train_dataloader() if train else self.data.val_dataloader()
         cache = self._caches[split]
+        collate = functools.partial(collate_cached_captions, cache_name=str(cache.manifest_path))
+        if train:  # the wrapped module's seed: the same order as without the cache; resumable
+            return shuffled_loader(CachedCaptionDataset(dataset, cache), self.data.batch_size, self.data.seed,
+                                   num_workers=self.data.num_workers, collate_fn=collate)
         return DataLoader(
             CachedCaptionDataset(dataset, cache),
             batch_size=self.data.batch_size,

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmgen.data.images import load_image
+from mmgen.data.loading import shuffled_loader
 from mmgen.errors import DataError
 from mmgen.files import inside_root, read_text
 
@@ -205,6 +206,9 @@ class CaptionDataModule(pl.LightningDataModule):
             self.val_dataset = self._dataset(self.val_tsv)
 
     def _loader(self, dataset: CaptionImageDataset, train: bool) -> DataLoader:
+        if train:  # resumable mid-epoch (position and shuffle state in checkpoints)
+            return shuffled_loader(dataset, self.batch_size, self.seed, num_workers=self.num_workers,
+                                   collate_fn=collate_captions)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -157,8 +157,10 @@ class DecisionPromptDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         if self.train_dataset is None:
             self.setup("fit")
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed), collate_fn=collate_decisions)
+        from mmgen.data.loading import shuffled_loader  # resumable mid-epoch
+
+        return shuffled_loader(self.train_dataset, self.batch_size, self.seed, drop_last=False,
+                               collate_fn=collate_decisions)
 
     def val_dataloader(self):
         if self.val_file is None:

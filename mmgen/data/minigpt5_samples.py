@@ -360,6 +360,12 @@ class MiniGPT5DataModule(pl.LightningDataModule):
             len(self.val)
 
     def _loader(self, dataset: SampleDataset, train: bool) -> DataLoader:
+        if train:  # resumable mid-epoch (position and shuffle state in checkpoints)
+            from mmgen.data.loading import shuffled_loader
+
+            return shuffled_loader(dataset, self.batch_size, self.seed, shuffle=self.shuffle,
+                                   drop_last=len(dataset) >= self.batch_size, num_workers=self.num_workers,
+                                   collate_fn=collate_samples)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
