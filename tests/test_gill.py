@@ -49,7 +49,7 @@ def test_mapper_full_size_structure_and_count():
     mapper = GILLMapper()
     with torch.device("meta"):
         mapper.configure(hidden_dim=4096, out_dim=768)
-    assert sum(p.numel() for p in mapper.parameters()) == 31_958_784  # REFERENCE: about 31.96M
+    assert sum(p.numel() for p in mapper.parameters()) == 31_958_784  # the paper: about 31.96M
     assert mapper.fc.in_features == 4096 and mapper.fc.out_features == 512
     assert mapper.query_embs.shape == (1, 77, 512)
     assert len(mapper.tfm.encoder.layers) == 4 and len(mapper.tfm.decoder.layers) == 4

@@ -58,7 +58,7 @@ def test_full_size_dry_run():
 
     rows = dict((name, (total, trainable)) for name, total, trainable in main(["params", "--config", "configs/gill.yaml"]))
     trainable = sum(t for _, t in rows.values())
-    assert abs(trainable - 50.1e6) < 0.1e6, trainable  # REFERENCE.md: about 50.1M
+    assert abs(trainable - 50.1e6) < 0.1e6, trainable  # the paper: about 50.1M
     assert abs(rows["gen_mapper"][1] - 31.96e6) < 0.01e6
     assert rows["llm"][1] == 8 * 4096  # the [IMG] rows
     assert rows["image_generator"] == (0, 0)  # caption embeddings from the cache: SD never built

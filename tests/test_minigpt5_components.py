@@ -94,7 +94,7 @@ def test_mapper_full_size_parameter_count():
     with torch.device("meta"):
         mapper.configure(in_dim=4096, out_dim=1024)
     n = sum(p.numel() for p in mapper.parameters())
-    assert n == 122_899_456  # REFERENCE.md: about 122.9M
+    assert n == 122_899_456  # the paper: about 122.9M
     assert mapper.transformer.encoder.layers[0].linear1.out_features == 4096
     assert tuple(mapper.queries.weight.shape) == (1, 77, 1024)
 

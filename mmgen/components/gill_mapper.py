@@ -9,7 +9,7 @@ from mmgen.components.base import OutputHead
 
 
 class GILLMapper(OutputHead):
-    """GILL's generation head (REFERENCE.md sec. 3), about 31.96M parameters at full size.
+    """GILL's generation head, about 31.96M parameters at full size.
 
         h[IMG0..r-1] (b, r, 4096) + e[IMG0..r-1] (b, r, 4096)     residual add of the input embeddings
         --fc--> (b, r, 512)                                        encoder source

@@ -7,7 +7,7 @@ Two peft limits are worked around here, in one place:
   ``trainable_token_indices``), so the rows are injected first as peft trainable-token layers and
   the prefix model is wrapped around them.
 - generating through the peft wrapper fails with ``inputs_embeds``, and handing its prefix cache
-  to the base model's ``generate`` silently decodes wrong tokens (ENVIRONMENT.md). mmgen does not
+  to the base model's ``generate`` silently decodes wrong tokens. mmgen does not
   use ``generate`` with a prefix: :meth:`prefix_cache` gives the virtual keys/values and
   ``CausalLM.forward_cached`` decodes through the base model with them at the front of the cache,
   the prefix columns of the attention mask and positions counted as in training. Tests compare it

@@ -1,6 +1,6 @@
 """MiniGPT-5's feature mapper: voken hidden states -> the generator's text-conditioning sequence.
 
-REFERENCE.md sec. 4 and 8 (about 122.9M parameters with Vicuna-7B and SD 2.1):
+MiniGPT-5's mapper (about 122.9M parameters with Vicuna-7B and SD 2.1):
 
     h (n, 8, 4096) --fc: Linear -> GELU -> Linear--> (n, 8, d)        d = generator text width
     nn.Transformer(src = those 8, tgt = 77 learned queries)  --> (n, 77, d)

@@ -1,6 +1,6 @@
 """FROMAGe (Koh et al., 2023): a frozen LLM that captions images and retrieves them with [RET].
 
-REFERENCE.md sec. 2. Trainable: the visual prefix, the two retrieval projections, the
+docs/fromage.md. Trainable: the visual prefix, the two retrieval projections, the
 temperature and the [RET] row (5.51M parameters at OPT-6.7B + CLIP ViT-L/14).
 
     images --CLIP (frozen)--> pooled (b, 1, 1024) --prefix--> (b, k, 4096)

@@ -1,6 +1,6 @@
 """GILL (Koh et al., 2023): a frozen LLM that captions images, retrieves them and generates them.
 
-REFERENCE.md sec. 3 and 8. Trainable: the visual prefix (4 tokens), the two retrieval
+docs/gill.md. Trainable: the visual prefix (4 tokens), the two retrieval
 projections, the temperature, the GILLMapper and the r=8 [IMG] rows (50.1M parameters at
 OPT-6.7B + CLIP ViT-L/14 + SD v1.5).
 

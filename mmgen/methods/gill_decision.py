@@ -1,6 +1,6 @@
 """GILL's decision stage: after GILL has converged, train its retrieve-or-generate module.
 
-REFERENCE.md sec. 3. Everything of GILL stays frozen (loaded from the GILL run's checkpoint);
+docs/gill.md. Everything of GILL stays frozen (loaded from the GILL run's checkpoint);
 only ``Dropout(0.5) + Linear(hidden, 2)`` trains, on labelled prompts
 (``mmgen.data.decision_prompts``), with AdamW lr 1e-3 and no weight decay.
 

@@ -1,7 +1,7 @@
 """MiniGPT-5 (Zheng et al., 2023): a frozen LLM that writes "generative vokens" which a mapper turns
 into Stable Diffusion conditioning.
 
-REFERENCE.md sec. 4, 5 and 8:
+docs/minigpt5.md:
 
     input images --EVA ViT-g + Q-Former + llama_proj (frozen)--> (n_in, 32, 4096) at <ImageHere>
     ###Human: ... ###Assistant: {text} [IMG0]..[IMG7] ###   --LLM (frozen + LoRA/prefix)--> L_text

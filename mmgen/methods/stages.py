@@ -1,4 +1,4 @@
-"""MiniGPT-5's two training stages as a callback (REFERENCE.md sec. 4).
+"""MiniGPT-5's two training stages as a callback (docs/minigpt5.md).
 
 A :class:`Stage` names the parameter groups that train, their learning-rate multipliers and
 whether the caption loss is on. The groups are declared by the components (``vokens`` and
