@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test bench params clean
+.PHONY: setup demo test bench bench-gpu params memory clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,14 @@ bench: setup  ## training-step benchmarks (by hand; not part of the tests)
 params: setup  ## full-size dry runs of the shipped configs
 	for c in configs/fromage.yaml configs/gill.yaml configs/minigpt5_stage1.yaml configs/minigpt5_stage2.yaml; do \
 		$(VENV)/bin/mmgen params --config $$c || exit 1; done
+
+memory: setup  ## memory plans (estimates) of the shipped full-size configs at their published batch sizes
+	for c in configs/fromage.yaml configs/gill.yaml configs/minigpt5_stage1.yaml configs/minigpt5_stage2.yaml; do \
+		$(VENV)/bin/mmgen params --config $$c --memory || exit 1; done
+
+bench-gpu:  ## full-size training steps on a GPU, all methods, under 8 minutes on an H100/H200 (docs/performance.md)
+	mkdir -p runs
+	$(PY) benchmarks/bench_gpu.py --json runs/bench_gpu.json
 
 clean:
 	rm -rf runs .cache lightning_logs

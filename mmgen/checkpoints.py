@@ -99,6 +99,29 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", need_config: boo
     return data
 
 
+def check_stored_config(checkpoint: dict, path, expected_class=None) -> None:
+    """The model config stored in a checkpoint (``hyper_parameters``) may name registered mmgen
+    components only, and Lightning's own instantiator: loading would import what it names.
+    With ``expected_class``, the stored method must be that class or a subclass of it."""
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "_class_path" not in hparams:
+        return
+    instantiator = hparams.get("_instantiator")
+    if instantiator not in (None, "lightning.pytorch.cli.instantiate_module"):
+        raise ConfigError(f"{path}: hyper_parameters name the instantiator {instantiator!r}; refusing to import it")
+    from mmgen.pretrained import check_class_paths
+
+    config = {k: v for k, v in hparams.items() if k not in ("_class_path", "_instantiator")}
+    check_class_paths({"class_path": hparams["_class_path"], "init_args": config}, f"{path} (stored model config)")
+    if expected_class is not None:
+        from mmgen.registry import REGISTRY
+
+        stored = str(hparams["_class_path"]).rsplit(".", 1)[-1]
+        cls = REGISTRY.get("method", {}).get(stored)
+        if cls is not None and not issubclass(cls, expected_class):
+            raise ConfigError(f"{path}: holds a {stored} checkpoint, not a {expected_class.__name__} one")
+
+
 def read_tensors(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file, or the ``state_dict`` (or top level) of a torch
     file, on the CPU, checked finite."""

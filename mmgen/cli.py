@@ -93,18 +93,41 @@ def list_components(args: list[str]) -> dict:
 @tool("params")
 def parameter_report(args: list[str]):
     """Build a config's model at full size with random weights on the meta device (no download,
-    no memory) and print its parameter table."""
+    no memory) and print its parameter table; with --memory, an estimate of the peak training
+    memory per GPU (mmgen.memory; defaults from the config's trainer and data sections)."""
     parser = argparse.ArgumentParser(prog="mmgen params", description=parameter_report.__doc__)
     parser.add_argument("--config", action="append", required=True, help="config file(s), as for fit")
     parser.add_argument("overrides", nargs="*", help="further LightningCLI arguments")
-    options = parser.parse_args(args)
+    memory = parser.add_argument_group("memory plan")
+    memory.add_argument("--memory", action="store_true", help="also print the memory plan (an estimate)")
+    memory.add_argument("--micro-batch", type=int, help="samples per GPU per forward (default: the data's batch_size)")
+    memory.add_argument("--precision", help="32, bf16-mixed, 16-mixed, bf16-true, 16-true (default: the trainer's)")
+    memory.add_argument("--strategy", choices=["ddp", "fsdp"], help="default: the trainer's (ddp unless FSDP/DeepSpeed)")
+    memory.add_argument("--devices", type=int, help="GPUs (default: the trainer's devices)")
+    memory.add_argument("--activation-checkpointing", action="store_true", default=None,
+                        help="recompute the LLM's layers in backward (default: the LLM's gradient_checkpointing)")
+    memory.add_argument("--tokens", type=int, help="tokens per LLM sequence (default: the method's)")
+    options, unknown = parser.parse_known_args(args)  # unknown: LightningCLI --key=value overrides
     from mmgen.summary import dry_run, format_table
 
-    cli_args = [a for c in options.config for a in ("--config", c)] + options.overrides
+    cli_args = [a for c in options.config for a in ("--config", c)] + options.overrides + unknown
     cli = build_cli(cli_args + ["--trainer.logger=false"], run=False)
-    rows = dry_run(cli.model)
+    rows = dry_run(cli.model, cli.trainer)
     print(format_table(rows, title=f"{type(cli.model).__name__} ({', '.join(options.config)})"))
-    return rows
+    if not options.memory:
+        return rows
+    from mmgen.memory import memory_plan, setting_from_config
+
+    checkpointing = options.activation_checkpointing or getattr(cli.model.llm, "gradient_checkpointing", False)
+    setting = setting_from_config(
+        cli.config, cli.datamodule, precision=options.precision, micro_batch=options.micro_batch,
+        strategy=options.strategy, devices=options.devices, activation_checkpointing=checkpointing,
+        tokens=options.tokens,
+    )
+    plan = memory_plan(cli.model, setting, title=f"{type(cli.model).__name__} ({', '.join(options.config)})")
+    print()
+    print(plan.format())
+    return plan
 
 
 @tool("cache-captions")

@@ -115,7 +115,7 @@ class MMGenCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        from mmgen.checkpoints import load_checkpoint, resume_path
+        from mmgen.checkpoints import check_stored_config, load_checkpoint, resume_path
 
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -127,6 +127,15 @@ class MMGenCLI(LightningCLI):
             ckpt_path = resume_path(ckpt_path)  # a damaged last.ckpt: the newest readable one, warned
             self.config[subcommand]["ckpt_path"] = ckpt_path
         checkpoint = load_checkpoint(ckpt_path)
+        check_stored_config(checkpoint, ckpt_path)  # Lightning would import what it names
+        needed = ["pytorch-lightning_version"] + (["optimizer_states", "loops"] if subcommand == "fit" else [])
+        missing = [key for key in needed if key not in checkpoint]
+        if missing:
+            raise ConfigError(
+                f"{ckpt_path}: not a Lightning training checkpoint (no {', '.join(map(repr, missing))}): "
+                + ("a run cannot be resumed from it; start a new one from its weights with "
+                   "mmgen.callbacks.InitFrom" if subcommand == "fit" else "give a checkpoint written by mmgen fit")
+            )
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if "_class_path" not in hparams:

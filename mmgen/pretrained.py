@@ -86,6 +86,8 @@ def save_pretrained(model, directory: str | Path, config: dict | None = None, ca
     if not state:
         raise ConfigError(f"{type(model).__name__} has no trained tensors: call configure_model() before saving")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory}: exists and is not a folder; give a folder to write the model to")
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / CONFIG_FILE, "w") as f:
         yaml.safe_dump(_plain(config), f, sort_keys=False)

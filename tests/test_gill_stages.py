@@ -87,7 +87,7 @@ def test_decision_stage(tmp_path, gill_run):
     (ckpt,) = gill_run.glob("lightning_logs/version_*/checkpoints/last.ckpt")
     cli = build_cli([
         "--config", "configs/gill_decision_tiny.yaml", "--trainer.logger=false",
-        f"--model.init_args.gill_checkpoint={ckpt}", f"--data.init_args.val_file={tmp_path / 'val.tsv'}",
+        f"--model.init_args.gill_checkpoint={ckpt}", f"--data.init_args.val_file={tmp_path / '.cache' / 'val.tsv'}",
     ], run=False)
     stage = cli.model
     stage.configure_model()

@@ -52,7 +52,7 @@ def test_report_writes_png_json_and_an_escaped_self_contained_page(tmp_path, pic
     assert first["input"] == [{"type": "image", "path": str(pictures / "red.png")},
                               {"type": "text", "text": f"what is this? {INJECTION}"}]
     assert first["answer"][1] == {"type": "retrieved", "path": str(pictures / "blue.jpg"), "score": 0.8125, "rank": 0}
-    assert first["text"] == f"a red square & more  done {INJECTION}"
+    assert first["text"] == answers[0].text  # the answer's text, images left out
     generated = second["answer"][1]
     assert generated["type"] == "generated" and generated["seed"] == 7 and generated["decision"] == "generate"
     with Image.open(out / generated["file"]) as image:  # a PNG in the folder, named safely

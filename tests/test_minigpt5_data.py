@@ -113,7 +113,8 @@ def test_mmdialog_images_are_found_beside_the_file_or_in_image_dir(tmp_path):
     path.write_text(json.dumps({"conversation_id": 1, "conversation": conversation}) + "\n\n")
     (tmp_path / "media").mkdir()
     _image(tmp_path / "media" / "m1.jpg")
-    assert MMDialogDataset(str(path), split="test").samples == []  # m1.jpg not beside the file: stops
+    with pytest.raises(DataError, match="no samples"):  # m1.jpg not beside the file: stops, split empty
+        MMDialogDataset(str(path), split="test").samples
     ds = MMDialogDataset(str(path), str(tmp_path / "media"), split="test", input_image_size=8)
     sample, = ds.samples
     assert sample.input_images == [tmp_path / "media" / "m1.jpg"] and sample.target == "nice ###"

@@ -158,24 +158,37 @@ def test_stage2_initialises_from_stage1_checkpoint(model, tmp_path):
 
 
 def test_decode_feeds_all_vokens_and_matches_training_features(model, monkeypatch):
-    import mmgen.methods.minigpt5 as mg5
+    from transformers import LogitsProcessor
+
+    from mmgen.inference.engine import DecodingOptions, decode
 
     tok = model.llm.tokenizer
     word, eos = tok.convert_tokens_to_ids("red"), tok.eos_token_id
-    script = iter([word, model.voken_ids[0]] + [word] * 7 + [eos])  # forced [IMG1..7] ignore the 7
-    monkeypatch.setattr(mg5, "_choose", lambda logits, *a: torch.full((logits.shape[0],), next(script)))
+    script = [word, model.voken_ids[0]] + [word] * 7 + [eos]  # the forced [IMG1..7] override the 7 words
+
+    class Script(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores = torch.full_like(scores, -1e4)
+            scores[:, script[min(input_ids.shape[1], len(script) - 1)]] = 0.0
+            return scores
+
     model.eval()
-    ids, features, counts = model.decode(["a blue square"], max_new_tokens=20)
-    assert ids[0] == [word] + model.voken_ids + [eos] and counts == [1]
-    seq = collate([model.source_segments("a blue square") + [Text(ids[0])]], 0)
+    segments, _ = model.sequence_format().prompt(["a blue square"])
+    embeds, mask = model.prompt_inputs([["a blue square"]])
+    decoded = decode(model.llm, embeds, mask, model.token_groups(1.0, 1.0),
+                     DecodingOptions(max_new_tokens=20, logits_processors=[Script()]))
+    ids = decoded.tokens[0]
+    assert ids == [word] + model.voken_ids + [eos] and len(decoded.hits[0]) == 1
+    features = torch.stack([hit.states for hit in decoded.hits[0]])  # (1, 8, d)
+    seq = collate([segments + [Text(ids)]], 0)
     with torch.no_grad():
         out = model.llm(seq.embed(model.llm.embed), seq.attention_mask)
     torch.testing.assert_close(features, model.voken_features(seq.input_ids, out.hidden), atol=1e-5, rtol=1e-4)
 
-    script = iter([model.voken_ids[0]] + [word] * 7 + [eos])
-    results = model.generate(["a blue square"], num_inference_steps=2, seed=0)
-    assert results[0]["images"].shape == (1, 3, 32, 32)
-    assert all(v not in results[0]["text"] for v in VOKENS)
+    answer = model.answer([["a blue square"]], num_inference_steps=2, seed=0, logits_processors=[Script()])[0]
+    assert [type(p).__name__ for p in answer.parts] == ["TextPart", "GeneratedImage"]
+    assert answer.images[0].image.size == (32, 32)
+    assert all(v not in answer.text for v in VOKENS)
 
 
 def test_unknown_stage_and_groups_are_errors(model):

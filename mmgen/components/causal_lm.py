@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from mmgen.components.base import LLMBackbone, LMOutput, NewToken, PeftAdapter
-from mmgen.components.hub import KNOWN_TOKENIZER_LENGTHS, random_weights_requested, resolve_config, resolve_name
+from mmgen.components.hub import (
+    KNOWN_TOKENIZER_LENGTHS, random_weights_requested, require_local_folder, resolve_config, resolve_name,
+)
 from mmgen.errors import ConfigError
 
 
@@ -80,6 +82,7 @@ class CausalLM(LLMBackbone):
             config = resolve_config(self.name_or_path, self.config_overrides)
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         else:
+            require_local_folder(self.name_or_path, "LLM")
             model = AutoModelForCausalLM.from_pretrained(
                 self.name_or_path, dtype=self.dtype, **(self.config_overrides or {})
             )

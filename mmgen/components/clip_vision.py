@@ -60,6 +60,9 @@ class CLIPVisionEncoder(VisualEncoder):
             config = resolve_config(self.name_or_path, self.config_overrides, CLIPVisionConfig)
             model = CLIPVisionModel(config).to(self.dtype)
         else:
+            from mmgen.components.hub import require_local_folder
+
+            require_local_folder(self.name_or_path, "visual encoder")
             model = CLIPVisionModel.from_pretrained(self.name_or_path, dtype=self.dtype)
         self.model = model.requires_grad_(False).eval()
 

@@ -87,6 +87,24 @@ def resolve_name(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+def looks_local(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``~/x``, ``a/b/c``,
+    an existing path) names a local folder."""
+    name = str(name)
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
+
+
+def require_local_folder(name_or_path: str | None, what: str = "model") -> None:
+    """ConfigError naming ``name_or_path`` when it names a local folder that does not exist (the
+    hub libraries would report a malformed repository id instead)."""
+    if name_or_path is None or not looks_local(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        state = "is not a folder" if path.exists() else "not found"
+        raise ConfigError(f"{name_or_path}: {what} folder {state} (give an existing local folder or a hub id)")
+
+
 def register_known_config(name: str, config: dict[str, Any], tokenizer_length: int | None = None):
     """Teach random builds the architecture of another hub id (research code, new shipped configs)."""
     KNOWN_CONFIGS[name] = dict(config)
@@ -103,6 +121,7 @@ def resolve_config(name_or_path: str | None, overrides: dict[str, Any] | None, c
     overrides = dict(overrides or {})
     bundled = name_or_path in KNOWN_CONFIGS and not os.path.isdir(name_or_path)
     if name_or_path is not None and not bundled:
+        require_local_folder(name_or_path)
         config = (config_class or AutoConfig).from_pretrained(name_or_path)
         for key, value in overrides.items():
             setattr(config, key, value)
@@ -111,8 +130,10 @@ def resolve_config(name_or_path: str | None, overrides: dict[str, Any] | None, c
     if not values:
         raise ConfigError("a component needs `name_or_path` (hub id or folder) or `config`")
     model_type = values.pop("model_type", None)
-    if config_class is not None:
-        return config_class(**values)
-    if model_type is None:
+    if config_class is None and model_type is None:
         raise ConfigError(f"`config` of {name_or_path or 'a random model'} needs `model_type`")
-    return AutoConfig.for_model(model_type, **values)
+    try:
+        return config_class(**values) if config_class is not None else AutoConfig.for_model(model_type, **values)
+    except Exception as error:  # a mistyped value (huggingface_hub's strict dataclasses), an unknown model_type
+        detail = str(error).strip().replace("\n", " ")[:300]
+        raise ConfigError(f"`config` of {name_or_path or 'a random ' + str(model_type or 'model')}: {detail}") from error

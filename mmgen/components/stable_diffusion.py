@@ -201,6 +201,9 @@ class StableDiffusion(ImageGenerator):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig
 
+        from mmgen.components.hub import require_local_folder
+
+        require_local_folder(self.name_or_path, "Stable Diffusion")
         text = CLIPTextConfig.from_pretrained(self.name_or_path, subfolder="text_encoder").to_dict()
         unet = dict(UNet2DConditionModel.load_config(self.name_or_path, subfolder="unet"))
         vae = dict(AutoencoderKL.load_config(self.name_or_path, subfolder="vae"))

@@ -54,12 +54,10 @@ def load_tokenizer(name_or_path: str, **kwargs):
     raises ConfigError saying which and how to install it."""
     from transformers import AutoTokenizer
 
+    from mmgen.components.hub import require_local_folder
+
     name = str(name_or_path)
-    # A hub id is "name" or "org/name"; anything else names a local folder.
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
-    if looks_local and not Path(name).expanduser().is_dir():
-        what = "is not a folder" if Path(name).expanduser().exists() else "not found"
-        raise ConfigError(f"{name}: tokenizer folder {what} (give a local tokenizer folder or a hub id)")
+    require_local_folder(name, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (ImportError, ValueError, OSError) as error:

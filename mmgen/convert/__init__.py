@@ -257,10 +257,15 @@ def model_section(config_path: str | Path) -> dict:
     """The ``model`` section of a training config (or a model config / pretrained folder's)."""
     import yaml
 
+    from mmgen.files import read_text
+
     path = Path(config_path)
     if path.is_dir():
         path = path / "config.yaml"
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(read_text(path, "config file", error=ConfigError))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
     config = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(config, dict) or "class_path" not in config:
         raise ConfigError(f"{config_path}: no model config (class_path, init_args) in it")

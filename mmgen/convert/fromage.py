@@ -67,12 +67,17 @@ def read_model_args(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / ARGS_FILE
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: missing (give the release's model_args.json with --model_args)")
+    from mmgen.files import read_text
+
     try:
-        return json.loads(path.read_text())
+        data = json.loads(read_text(path, "model_args.json", error=ConfigError))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: not valid JSON (truncated or damaged file?): {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of model arguments, found {type(data).__name__}")
+    return data
 
 
 def read_weights(path: Path, reported: list[tuple[str, str]]) -> dict:

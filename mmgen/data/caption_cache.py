@@ -85,6 +85,8 @@ def write_caption_cache(
     """Encode ``captions`` in batches with ``encode`` (list of str -> (b, max_length, d)) and
     write the shards and, last, the manifest. Returns the manifest path."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; give a folder for the caption cache")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the manifest is written again
     for stale in out.glob("embeddings-*.npy"):

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmgen.data.images import load_image
 from mmgen.data.loading import shuffled_loader
-from mmgen.errors import DataError
-from mmgen.files import inside_root, read_text
+from mmgen.errors import ConfigError, DataError
+from mmgen.files import inside_root, read_text, require_regular_file
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,10 @@ def read_caption_tsv(
         lines.pop()
     if not lines or not lines[0].strip():
         raise DataError(f"{tsv_path}, line 1: empty file or header, expected a header row naming the columns")
-    header = lines[0].split("\t")
+    header = [name.strip() for name in lines[0].split("\t")]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{tsv_path}, line 1: column(s) {repeated} appear more than once in the header")
     for column in (caption_column, image_column):
         if column not in header:
             raise DataError(
@@ -99,7 +102,11 @@ class CaptionImageDataset(Dataset):
                                         allow_outside_paths)
         if check_images:  # fail at start-up, not hours into an epoch
             for record in self.records:
-                if not record.image_path.is_file():
+                if not record.image_path.is_file():  # a named pipe or folder: said what it is
+                    try:
+                        require_regular_file(record.image_path, "image", allow_empty=True)
+                    except DataError as error:
+                        raise DataError(f"{self.tsv_path}, line {record.line}: {error}") from None
                     raise DataError(
                         f"{self.tsv_path}, line {record.line}: image not found: {record.image_path}"
                     )
@@ -168,6 +175,9 @@ class CaptionDataModule(pl.LightningDataModule):
         allow_outside_paths: bool = False,
     ) -> None:
         super().__init__()
+        for key, value in (("image_size", image_size), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{type(self).__name__}: {key} must be a positive integer, got {value!r}")
         self.allow_outside_paths = allow_outside_paths
         self.train_tsv = train_tsv
         self.val_tsv = val_tsv

@@ -158,6 +158,9 @@ class SampleDataset(Dataset):
                  image_preprocessing: ImagePreprocessing = "minigpt5", random_flip: bool | None = None,
                  check_images: bool = True, allow_outside_paths: bool = False):
         check_split(split)
+        for key, value in (("input_image_size", input_image_size), ("output_image_size", output_image_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{type(self).__name__}: {key} must be a positive integer, got {value!r}")
         if image_preprocessing not in IMAGE_PREPROCESSING:
             raise ConfigError(f"unknown image_preprocessing {image_preprocessing!r}; "
                               f"expected one of {list(IMAGE_PREPROCESSING)}")

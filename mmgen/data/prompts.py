@@ -42,13 +42,16 @@ class Prompt:
 
 def read_prompts(path: str | Path, image_root: str | Path | None = None) -> list[Prompt]:
     """Parse and check a prompts JSONL file (see the module docstring for the format)."""
+    from mmgen.files import read_text
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"prompts file not found: {path}")
+    text = read_text(path, "prompts file", allow_empty=True)  # a regular UTF-8 file, else named
     root = Path(image_root) if image_root is not None else path.parent
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"

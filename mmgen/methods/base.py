@@ -91,9 +91,33 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
             for param in group.params:
                 param.requires_grad_(group.train)
 
+    def check_sequence_length(self, length: int, what: str) -> None:
+        """ConfigError when sequences of ``length`` tokens cannot fit the LLM's position table
+        (found when the model is built, not as an IndexError at the first training step)."""
+        config = getattr(getattr(getattr(self, "llm", None), "model", None), "config", None)
+        limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and length > limit:
+            raise ConfigError(
+                f"{type(self).__name__}: {what} are up to {length} tokens, but the LLM's position table holds "
+                f"max_position_embeddings={limit}: raise the llm config's max_position_embeddings or lower "
+                "max_text_length"
+            )
+
     def configure_optimizers(self):
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        return build_optimizer(self.parameter_groups(), self.optim, int(total) if total != float("inf") else 0)
+        return build_optimizer(self.parameter_groups(), self.optim, self._run_length())
+
+    def _run_length(self) -> int:
+        """Optimizer steps of the run, for a linear schedule without ``total_steps`` only.
+
+        Lightning's ``estimated_stepping_batches`` creates the training data iterator before a
+        resumed run's loader state is restored, which restarts the epoch from its first batch:
+        it is asked only when nothing else gives the length (``trainer.max_steps``)."""
+        if self._trainer is None or self.optim.schedule != "linear" or self.optim.total_steps:
+            return 0
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return int(self.trainer.max_steps)
+        total = self.trainer.estimated_stepping_batches
+        return int(total) if total != float("inf") else 0
 
     def trainable_state_keys(self) -> set[str]:
         """Names of the parameters checkpoints and pretrained folders store: every grouped one,
@@ -184,11 +208,13 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         """Rebuild the model from the config stored in ``checkpoint_path`` and load its trained
         tensors. The file is read weights-only (never unpickling objects), and an empty,
         truncated, foreign or non-checkpoint file raises ConfigError naming it."""
-        from mmgen.checkpoints import load_checkpoint
+        from mmgen.checkpoints import check_stored_config, load_checkpoint
 
         if isinstance(checkpoint_path, (str, bytes)) or hasattr(checkpoint_path, "__fspath__"):
             if "://" not in str(checkpoint_path):
-                load_checkpoint(checkpoint_path)  # the checks, with the file's name in every error
+                # the checks, with the file's name in every error; the stored config may name
+                # registered mmgen classes only (Lightning imports what it names)
+                check_stored_config(load_checkpoint(checkpoint_path), checkpoint_path, cls)
         kwargs["weights_only"] = True
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
                                             hparams_file=hparams_file, strict=strict, **kwargs)

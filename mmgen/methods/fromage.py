@@ -17,7 +17,8 @@ import torch
 from mmgen.components.base import InputProjection, LLMBackbone, NewToken, OutputHead, VisualEncoder
 from mmgen.components.retrieval_head import RetrievalHead
 from mmgen.components.visual_prefix import LinearVisualPrefix
-from mmgen.data.interleave import ImageSlot, Text, collate, pack_pairs
+from mmgen.data.interleave import collate
+from mmgen.methods.answering import FROMAGeAnswers
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.retrieval_metrics import RetrievalMetrics
 from mmgen.methods.optim import Optim
@@ -30,7 +31,7 @@ RET_TOKEN = "[RET]"
 VOCABULARY = [NewToken("<|image|>", trainable=False), NewToken(RET_TOKEN, special=False)]
 
 
-class FROMAGe(RetrievalMetrics, MultimodalLM):
+class FROMAGe(FROMAGeAnswers, RetrievalMetrics, MultimodalLM):
     """FROMAGe as a LightningModule; batches are ``{"images": (b, 3, h, w), "captions": [str]}``.
 
     Args:
@@ -83,6 +84,9 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
         self.visual_prefix.configure(self.visual_encoder.feature_dim, self.llm.embed_dim)
         self.retrieval_head.configure(self.llm.hidden_size, self.visual_encoder.feature_dim)
         self.ret_id = self.llm.token_id(RET_TOKEN)
+        self.check_sequence_length(2 * (self.visual_prefix.n_tokens + self.max_text_length),
+                                   f"packed training sequences (2 x ({self.visual_prefix.n_tokens} visual + "
+                                   f"max_text_length={self.max_text_length}))")
         self.apply_trainability()
 
     def parameter_groups(self) -> dict[str, ParamGroup]:
@@ -97,7 +101,7 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
     # -- the objective ---------------------------------------------------------------------------
     def caption_ids(self, caption: str) -> list[int]:
         """BOS + caption tokens, cut so that with [RET] appended there are max_text_length."""
-        return self.llm.tokenizer(caption).input_ids[: self.max_text_length - 1]
+        return self.sequence_format().caption_ids(caption)
 
     def compute_losses(self, images: torch.Tensor, captions: list[str], pack: bool = False):
         """Every loss term of a step and its retrieval embeddings: (losses, text embeddings
@@ -112,17 +116,12 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
         # Captioning: [prefix][BOS caption][RET]; BOS is a target (predicted from the last
         # visual token) and everything from [RET] on is masked, as in the reference.
         # Packed: [img1][BOS cap1][img2][BOS cap2][RET][RET].
-        heads = [[ImageSlot(self.visual_prefix.n_tokens), Text(i)] for i in ids]
-        tails = [[Text([self.ret_id], supervised=False)] for _ in ids]
-        if pack:
-            sequences = pack_pairs(heads, tails, tokenizer.bos_token_id, keep_second_bos=True)
-        else:
-            sequences = [h + t for h, t in zip(heads, tails)]
-        cap = collate(sequences, pad_id, images.device)
+        fmt = self.sequence_format()  # mmgen.methods.formats.FROMAGeFormat
+        cap = collate(fmt.caption_sequences(ids, pack), pad_id, images.device)
         cap_out = self.llm(cap.embed(self.llm.embed, prefix), cap.attention_mask, cap.labels)
 
         # Retrieval mode: text only, [RET] a target; its hidden state is the text embedding.
-        ret = collate([[Text(i + [self.ret_id])] for i in ids], pad_id, images.device)
+        ret = collate(fmt.retrieval_sequences(ids), pad_id, images.device)
         ret_out = self.llm(ret.embed(self.llm.embed), ret.attention_mask, ret.labels)
         h_ret = ret_out.hidden[torch.arange(b, device=images.device), ret.last_position_of(self.ret_id)]
 
@@ -144,23 +143,17 @@ class FROMAGe(RetrievalMetrics, MultimodalLM):
     def evaluation_outputs(self, batch):
         return self.compute_losses(batch["images"], batch["captions"])  # unpacked
 
-    def predict_step(self, batch, batch_idx):
-        """Greedy captions for the batch's images (text only; interleaved output comes with the
-        inference API)."""
-        return {"captions": self.caption(batch["images"])}
-
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_new_tokens: int = 16) -> list[str]:
+        """Greedy captions of images (b, 3, h, w) in [0, 1], decoded from the visual prefix
+        alone as the official code does (the caption's BOS is the model's first prediction, as
+        in training), up to EOS or [RET]. Interleaved answers: ``answer`` (FROMAGeAnswers)."""
+        from mmgen.inference import engine
+
+        prefix = self.encode_input_images(images)  # (b, k, d)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        options = engine.DecodingOptions(max_new_tokens=max_new_tokens, stop_token_ids=(self.ret_id,))
+        decoded = engine.decode(self.llm, prefix, mask, options=options)
         tokenizer = self.llm.tokenizer
-        prefix = self.visual_prefix(self.visual_encoder(images))  # (b, k, d)
-        bos = self.llm.embed(torch.full((images.shape[0], 1), tokenizer.bos_token_id, device=images.device))
-        embeds = torch.cat([prefix.to(bos.dtype), bos], dim=1)
-        out = self.llm.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=images.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=[tokenizer.eos_token_id, self.ret_id],
-        )
-        return tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [tokenizer.decode([t for t in row if t != self.ret_id], skip_special_tokens=True).strip()
+                for row in decoded.tokens]

@@ -27,8 +27,9 @@ from mmgen.components.base import ImageGenerator, InputProjection, LLMBackbone, 
 from mmgen.components.gill_mapper import GILLMapper
 from mmgen.components.retrieval_head import RetrievalHead
 from mmgen.components.visual_prefix import LinearVisualPrefix
-from mmgen.data.interleave import ImageSlot, Interleaved, Text, collate, pack_pairs
+from mmgen.data.interleave import Interleaved, Text, collate
 from mmgen.errors import ConfigError, DataError
+from mmgen.methods.answering import GILLAnswers
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.optim import Optim
 from mmgen.methods.trainability import ParamGroup
@@ -52,7 +53,7 @@ def per_token_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).sum(dim=-1).sqrt().mean()
 
 
-class GILL(RetrievalMetrics, MultimodalLM):
+class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
     """GILL as a LightningModule; batches are ``{"images": (b, 3, h, w), "captions": [str]}``,
     plus ``"caption_embeddings": (b, 77, d)`` when they come from a caption-embedding cache
     (``mmgen cache-captions``; ``mmgen.data.caption_cache``).
@@ -137,6 +138,9 @@ class GILL(RetrievalMetrics, MultimodalLM):
             out_dim = self.image_generator.text_embed_dim
         self.gen_mapper.configure(self.llm.hidden_size, out_dim)
         self.img_ids = [self.llm.token_id(t) for t in img_tokens(self.n_img_tokens)]
+        self.check_sequence_length(2 * (self.visual_prefix.n_tokens + self.max_text_length),
+                                   f"packed training sequences (2 x ({self.visual_prefix.n_tokens} visual + "
+                                   f"max_text_length={self.max_text_length}))")
         self.apply_trainability()
 
     def parameter_groups(self) -> dict[str, ParamGroup]:
@@ -157,33 +161,15 @@ class GILL(RetrievalMetrics, MultimodalLM):
 
     def caption_ids(self, caption: str) -> list[int]:
         """BOS + caption tokens, cut so that with the r [IMG] tokens there are max_text_length."""
-        return self.llm.tokenizer(caption).input_ids[: self.max_text_length - self.n_img_tokens]
+        return self.sequence_format().caption_ids(caption)
 
     def caption_sequences(self, ids: list[list[int]], pack: bool) -> list[list]:
-        """[prefix][BOS caption][IMG0..r-1]: BOS and caption are targets (BOS predicted from the
-        last visual token), the [IMG] tokens are masked. Packed: [v1][BOS cap1][v2][cap2][IMG..][IMG..]."""
-        heads = [[ImageSlot(self.visual_prefix.n_tokens), Text(i)] for i in ids]
-        tails = [[Text(self.img_ids, supervised=False)] for _ in ids]
-        if pack:
-            return pack_pairs(heads, tails, self.llm.tokenizer.bos_token_id, keep_second_bos=False)
-        return [h + t for h, t in zip(heads, tails)]
+        """[prefix][BOS caption][IMG0..r-1] (``mmgen.methods.formats.GILLFormat``)."""
+        return self.sequence_format().caption_sequences(ids, pack)
 
     def text_sequences(self, ids: list[list[int]], pack: bool) -> list[list]:
-        """[BOS caption IMG0][IMG1..r-1]: caption and [IMG0] are targets. Packed (reference):
-        [BOS cap1 IMG0 | IMG1..r-1 cap2 IMG0..r-1] where the second caption (BOS dropped) and its
-        [IMG] tokens carry no labels at all."""
-        img0, rest = self.img_ids[:1], self.img_ids[1:]
-        single = [[Text(i + img0), Text(rest, supervised=False)] for i in ids]
-        if not pack:
-            return single
-        bos = self.llm.tokenizer.bos_token_id
-        packed = []
-        for a in range(0, len(ids) - 1, 2):
-            second = ids[a + 1][1:] if ids[a + 1][:1] == [bos] else ids[a + 1]
-            packed.append(single[a] + [Text(second + self.img_ids, supervised=False)])
-        if len(ids) % 2:
-            packed.append(single[-1])
-        return packed
+        """[BOS caption IMG0][IMG1..r-1] (``mmgen.methods.formats.GILLFormat``)."""
+        return self.sequence_format().text_sequences(ids, pack)
 
     def img_states(self, seq: Interleaved, hidden: torch.Tensor, embeds: torch.Tensor):
         """Hidden states and input embeddings at every [IMG0..r-1] group, in order of appearance
@@ -307,9 +293,4 @@ class GILL(RetrievalMetrics, MultimodalLM):
         h_img, e_img = self.prompt_img_states(prompts)
         prompt_embeds = self.gen_mapper(h_img, e_img)  # (b, 77, d)
         return self.image_generator.generate(prompt_embeds, **generate_kwargs)
-
-    def predict_step(self, batch, batch_idx):
-        """Images generated from the batch's captions (text only; interleaved output comes with
-        the inference API)."""
-        return {"images": self.generate_images(batch["captions"])}
 

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from mmgen.components.base import ImageGenerator, LLMBackbone, NewToken, VisualEncoder
 from mmgen.components.hub import random_weights_requested
 from mmgen.components.voken_mapper import VokenMapper
-from mmgen.data.interleave import ImageSlot, Interleaved, Text, collate
-from mmgen.data.minigpt5_samples import END, IMAGE_PLACEHOLDER, N_VOKENS, VOKENS
+from mmgen.data.interleave import collate
+from mmgen.data.minigpt5_samples import IMAGE_PLACEHOLDER, N_VOKENS, VOKENS
 from mmgen.errors import ConfigError
+from mmgen.methods.answering import MiniGPT5Answers
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.optim import Optim
 from mmgen.methods.trainability import ParamGroup
@@ -49,7 +50,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return torch.clamp(snr, max=gamma) / denominator
 
 
-class MiniGPT5(MultimodalLM):
+class MiniGPT5(MiniGPT5Answers, MultimodalLM):
     """MiniGPT-5 as a LightningModule.
 
     Args:
@@ -163,7 +164,7 @@ class MiniGPT5(MultimodalLM):
         must be in the checkpoint."""
         from mmgen.checkpoints import read_tensors
 
-        state = read_tensors(path, "init_from checkpoint")  # weights-only; names the file on any fault
+        state = read_tensors(path, "checkpoint (init_from)")  # weights-only; names the file on any fault
         params = dict(self.named_parameters())
         names = {id(p): n for n, p in params.items()}
         groups = {g: {names[id(p)] for p in group.params} for g, group in self.parameter_groups().items()}
@@ -184,23 +185,14 @@ class MiniGPT5(MultimodalLM):
         return self.visual_encoder.n_tokens if self.visual_encoder is not None else 0
 
     def source_segments(self, source: str) -> list:
-        """BOS + prompt, ``<ImageHere>`` replaced by image slots; nothing supervised."""
-        tokenizer, segments = self.llm.tokenizer, []
-        pieces = source.split(IMAGE_PLACEHOLDER)
-        for i, piece in enumerate(pieces):
-            segments.append(Text(tokenizer(piece, add_special_tokens=i == 0).input_ids, supervised=False))
-            if i < len(pieces) - 1:
-                if self.visual_encoder is None:
-                    raise ConfigError(f"a prompt has {IMAGE_PLACEHOLDER} but the model has no visual_encoder")
-                segments.append(ImageSlot(self.n_image_tokens))
-        return segments
+        """BOS + prompt, ``<ImageHere>`` replaced by image slots; nothing supervised
+        (``mmgen.methods.formats.MiniGPT5Format``)."""
+        return self.sequence_format().source_segments(source)
 
     def target_segments(self, target: str) -> list:
         """The target, supervised except [IMG1..6] (the reference supervises [IMG0], [IMG7] and
         the closing ###; no EOS)."""
-        masked = set(self.voken_ids[1:-1])
-        return [Text([i], supervised=i not in masked)
-                for i in self.llm.tokenizer(target, add_special_tokens=False).input_ids]
+        return self.sequence_format().target_segments(target)
 
     def _pad_id(self) -> int:
         tokenizer = self.llm.tokenizer
@@ -271,111 +263,3 @@ class MiniGPT5(MultimodalLM):
 
     def test_step(self, batch, batch_idx):
         self.log_losses(self.compute_losses(batch, train=False), "test", len(batch["sources"]))
-
-    # -- inference -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, sources: list[str], input_images: torch.Tensor | None = None, max_new_tokens: int = 64,
-               do_sample: bool = True, top_p: float = 0.9, temperature: float = 1.0,
-               repetition_penalty: float = 2.0, generator: torch.Generator | None = None):
-        """Sample continuations of ``sources`` with the KV cache. When a row emits [IMG0] its
-        [IMG1..7] follow (they are never sampled); a row stops at ``###`` or EOS.
-        Returns (token ids per row, voken features (n, 8, d) row-major, group count per row)."""
-        device, tokenizer = self.device, self.llm.tokenizer
-        seq = collate([self.source_segments(s) for s in sources], self._pad_id(), device)
-        seq = _left_pad(seq)
-        embeds = seq.embed(self.llm.embed, self._image_embeds(input_images))
-        mask = seq.attention_mask
-        b = len(sources)
-        out, past = self.llm.forward_cached(embeds, mask)
-        last_hidden, logits = out.hidden[:, -1], out.logits[:, -1].float()
-        generated = [[] for _ in range(b)]
-        forced = [[] for _ in range(b)]
-        features = [[] for _ in range(b)]  # per row: list of (8, d) groups
-        pending = [[] for _ in range(b)]
-        done = [False] * b
-        stop_ids = {tokenizer.eos_token_id}
-        for _ in range(max_new_tokens):
-            logits[:, self.voken_ids[1:]] = float("-inf")  # [IMG1..7] only ever follow [IMG0]
-            for r in range(b):
-                if repetition_penalty != 1.0 and generated[r]:
-                    ids = torch.tensor(sorted(set(generated[r])), device=device)
-                    scores = logits[r, ids]
-                    logits[r, ids] = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
-            sampled = _choose(logits, do_sample, top_p, temperature, generator)
-            next_ids = []
-            for r in range(b):
-                token = forced[r].pop(0) if forced[r] else int(sampled[r])
-                if done[r]:
-                    token = self._pad_id()
-                elif token in self.voken_ids:
-                    pending[r].append(last_hidden[r])
-                    if token == self.voken_ids[0]:
-                        forced[r] = list(self.voken_ids[1:])
-                    if len(pending[r]) == N_VOKENS:
-                        features[r].append(torch.stack(pending[r]))
-                        pending[r] = []
-                if not done[r]:
-                    generated[r].append(token)
-                    text = tokenizer.decode(generated[r][-4:], skip_special_tokens=False)
-                    if token in stop_ids or (not forced[r] and text.rstrip().endswith(END)):
-                        done[r] = True
-                next_ids.append(token)
-            if all(done) and not any(forced):
-                break
-            ids = torch.tensor(next_ids, device=device)[:, None]
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            out, past = self.llm.forward_cached(self.llm.embed(ids), mask, past)
-            last_hidden, logits = out.hidden[:, -1], out.logits[:, -1].float()
-        groups = [g for row in features for g in row]
-        d = self.llm.hidden_size
-        stacked = torch.stack(groups) if groups else torch.zeros(0, N_VOKENS, d, device=device)
-        return generated, stacked, [len(row) for row in features]
-
-    @torch.no_grad()
-    def generate(self, sources: list[str], input_images: torch.Tensor | None = None, max_new_tokens: int = 64,
-                 do_sample: bool = True, top_p: float = 0.9, temperature: float = 1.0,
-                 repetition_penalty: float = 2.0, guidance_scale: float = 7.5, num_inference_steps: int = 50,
-                 seed: int | None = None) -> list[dict]:
-        """Text and images for each prompt: ``[{"text": str, "images": (k, 3, h, w)}]``. The
-        negative prompt of classifier-free guidance is the mapper's output for zero features."""
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        ids, features, counts = self.decode(sources, input_images, max_new_tokens, do_sample, top_p,
-                                            temperature, repetition_penalty, generator)
-        texts = self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        images = None
-        if features.shape[0]:
-            n = features.shape[0]
-            prompt = self.mapper(features.float())
-            negative = self.mapper.negative_embedding(n, N_VOKENS)
-            images = self.generator.generate(prompt, negative, num_inference_steps=num_inference_steps,
-                                             guidance_scale=guidance_scale, generator=generator)
-        results, start = [], 0
-        for text, k in zip(texts, counts):
-            row_images = images[start:start + k] if images is not None else None
-            results.append({"text": text.strip(), "images": row_images})
-            start += k
-        return results
-
-    def predict_step(self, batch, batch_idx):
-        return self.generate(batch["sources"], batch["input_images"])
-
-
-def _left_pad(seq):
-    """The same batch with padding moved to the left (for decoding: new tokens go at the end)."""
-    lengths = seq.attention_mask.sum(1)
-    t = seq.attention_mask.shape[1]
-    index = (torch.arange(t, device=lengths.device)[None, :] - (t - lengths)[:, None]) % t  # (b, t)
-    return Interleaved(seq.input_ids.gather(1, index), seq.attention_mask.gather(1, index), seq.labels.gather(1, index))
-
-
-def _choose(logits: torch.Tensor, do_sample: bool, top_p: float, temperature: float,
-            generator: torch.Generator | None) -> torch.Tensor:
-    """(b,) next tokens: greedy, or nucleus sampling at ``temperature``."""
-    if not do_sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
-    sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-    choice = torch.multinomial(sorted_probs.cpu(), 1, generator=generator).to(logits.device)
-    return order.gather(1, choice).squeeze(1)

@@ -35,6 +35,27 @@ class Optim:
     decay_factor: float = 0.1
     total_steps: int = 0
 
+    def __post_init__(self) -> None:
+        """Values that would train nothing or diverge are refused when the config is read."""
+        def bad(key: str, value, need: str):
+            raise ConfigError(f"optim.{key} must be {need}, got {value!r}")
+
+        number = (int, float)
+        if not isinstance(self.lr, number) or isinstance(self.lr, bool) or not 0 <= self.lr < float("inf"):
+            bad("lr", self.lr, "a finite number >= 0")
+        if len(tuple(self.betas)) != 2 or not all(isinstance(b, number) and 0 <= b < 1 for b in self.betas):
+            bad("betas", self.betas, "two numbers in [0, 1)")
+        if not isinstance(self.eps, number) or not self.eps > 0:
+            bad("eps", self.eps, "> 0")
+        if not isinstance(self.weight_decay, number) or not self.weight_decay >= 0:
+            bad("weight_decay", self.weight_decay, ">= 0")
+        for key in ("warmup_steps", "total_steps"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                bad(key, value, "an integer >= 0")
+        if self.schedule not in ("constant", "step", "linear"):
+            bad("schedule", self.schedule, "'constant', 'step' or 'linear'")
+
 
 def param_groups(groups: "dict[str, ParamGroup] | nn.Module", optim: Optim) -> list[dict]:
     """AdamW groups from a method's declared parameter groups (``mmgen.methods.trainability``):
