@@ -7,7 +7,9 @@ import pytest
 from mmgen.cli import build_cli
 from mmgen.methods.base import MultimodalLM
 
-CONFIGS = sorted(str(p) for p in Path("configs").glob("*.yaml"))
+# Whole configs; add-on configs (configs/predict_toy.yaml: data and writer for `mmgen predict`,
+# given after a training config) have no model section of their own.
+CONFIGS = sorted(str(p) for p in Path("configs").glob("*.yaml") if "\nmodel:" in "\n" + p.read_text())
 
 
 def test_configs_are_shipped():
