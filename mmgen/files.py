@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import stat
 from pathlib import Path
@@ -57,6 +59,24 @@ def read_text(path: str | Path, what: str = "file", error: type[Exception] = Dat
         hint = " (UTF-16?)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise error(f"{path}, line {line}: not UTF-8 text{hint}: byte 0x{data[exc.start]:02x} at offset "
                     f"{exc.start} cannot be decoded; re-save the {what} as UTF-8") from None
+
+
+def jsonl_records(path: Path, what: str = "file", allow_empty: bool = False):
+    """``(line number, where, record)`` for each non-blank line of a UTF-8 JSONL file, ``where``
+    naming the file and line; a line that is not a JSON object raises DataError naming it. Lines end at
+    "\n" only: a JSON string may hold a raw U+2028, which splitlines() would cut at."""
+    text = read_text(path, what, allow_empty=allow_empty)
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON: {error.msg} (column {error.colno})") from error
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield number, where, record
 
 
 def inside_root(path: Path, root: Path, where: str, key: str = "image path", allow_outside: bool = False) -> Path:

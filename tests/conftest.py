@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mmgen  # noqa: F401  (torchvision fix before transformers is imported)
+from transformers import LogitsProcessor  # noqa: E402
 
 TOY_TOKENIZER = "mmgen:toy_tokenizer"
 
@@ -65,3 +66,18 @@ def captions():
         "a blue cross on a yellow background",
         "a yellow triangle on a green background",
     ]
+
+
+class Script(LogitsProcessor):
+    """A logits processor for decoding tests: forces token ``script[n]`` at step n (None: leave
+    the model's choice, or a forced group token)."""
+
+    def __init__(self, script):
+        self.script = script
+
+    def __call__(self, input_ids, scores):
+        n = input_ids.shape[1]
+        if n < len(self.script) and self.script[n] is not None:
+            scores = torch.full_like(scores, -1e4)
+            scores[:, self.script[n]] = 0.0
+        return scores

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, TINY_OPT, TOY_TOKENIZER
+from conftest import TINY_LLAMA, TINY_OPT, TOY_TOKENIZER, Script
 from transformers import LogitsProcessor
 
 from mmgen.inference.engine import (
@@ -37,19 +37,6 @@ def make_llm(family="opt", adapter=None, seed=0):
                 p.add_(0.5 * torch.randn_like(p))
     return llm.eval()
 
-
-class Script(LogitsProcessor):
-    """Forces token ``script[n]`` at step n (None: leave the model's choice)."""
-
-    def __init__(self, script):
-        self.script = script
-
-    def __call__(self, input_ids, scores):
-        n = input_ids.shape[1]
-        if n < len(self.script) and self.script[n] is not None:
-            scores = torch.full_like(scores, -1e4)
-            scores[:, self.script[n]] = 0.0
-        return scores
 
 
 def rerun_greedy(llm, ids: torch.Tensor, steps: int) -> list[int]:

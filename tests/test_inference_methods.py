@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CLIP_VISION, TINY_OPT, TOY_TOKENIZER, tiny_clip, tiny_llm
+from conftest import TINY_CLIP_VISION, TINY_OPT, TOY_TOKENIZER, Script, tiny_clip, tiny_llm
 from PIL import Image
-from transformers import LogitsProcessor
 
 from mmgen.errors import ConfigError
 from mmgen.inference.engine import DecodingOptions, decode
@@ -17,19 +16,6 @@ from mmgen.inference.types import GeneratedImage, ImageRef, RetrievedImage, Text
 
 SD_DIM = 16
 
-
-class Script(LogitsProcessor):
-    """Forces token ``script[n]`` at step n (None: the model's choice, or a forced group token)."""
-
-    def __init__(self, script):
-        self.script = script
-
-    def __call__(self, input_ids, scores):
-        n = input_ids.shape[1]
-        if n < len(self.script) and self.script[n] is not None:
-            scores = torch.full_like(scores, -1e4)
-            scores[:, self.script[n]] = 0.0
-        return scores
 
 
 def tiny_sd():

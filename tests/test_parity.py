@@ -286,6 +286,17 @@ def minigpt5_reference(model, batch, caption_loss: bool):
     return losses
 
 
+def check_minigpt5(model, batch, caption_loss: bool) -> None:
+    """Every term of ``model.compute_losses`` against the reference, both drawing the same noise."""
+    torch.manual_seed(7)
+    losses = model.compute_losses(batch, train=False)
+    torch.manual_seed(7)
+    expected = minigpt5_reference(model, batch, caption_loss)
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        close(losses[name], value, name)
+
+
 def _images(n, seed):
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
@@ -299,13 +310,7 @@ def test_minigpt5_stage1_losses_match_the_published_equations():
         "input_images": torch.zeros(0, 3, 32, 32), "n_input_images": [0, 0],
         "output_images": _images(2, 2), "n_output_images": [1, 1],
     }
-    torch.manual_seed(7)
-    losses = model.compute_losses(batch, train=False)
-    torch.manual_seed(7)
-    expected = minigpt5_reference(model, batch, caption_loss=True)
-    assert set(losses) == set(expected)
-    for name, value in expected.items():
-        close(losses[name], value, name)
+    check_minigpt5(model, batch, caption_loss=True)
 
 
 def test_minigpt5_stage2_losses_match_the_published_equations():
@@ -321,10 +326,4 @@ def test_minigpt5_stage2_losses_match_the_published_equations():
         "input_images": _images(5, 3), "n_input_images": [2, 3],
         "output_images": _images(1, 4), "n_output_images": [1, 0],
     }
-    torch.manual_seed(7)
-    losses = model.compute_losses(batch, train=False)
-    torch.manual_seed(7)
-    expected = minigpt5_reference(model, batch, caption_loss=False)
-    assert set(losses) == set(expected)
-    for name, value in expected.items():
-        close(losses[name], value, name)
+    check_minigpt5(model, batch, caption_loss=False)

@@ -25,7 +25,6 @@ for the caption loss (as in the reference).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +32,7 @@ from mmgen.data.minigpt5_samples import (
     ASSISTANT, END, HUMAN, IMAGE_IN_PROMPT, VOKEN_STRING, ImagePreprocessing, Sample, SampleDataset, Split,
 )
 from mmgen.errors import ConfigError, DataError
-from mmgen.files import inside_root, read_text
+from mmgen.files import inside_root, jsonl_records
 
 MMDIALOG_SYSTEM_PROMPT = (
     "Give the following images in <Img>ImageContent</Img> format. "
@@ -171,19 +170,10 @@ class MMDialogDataset(SampleDataset):
     def build(self) -> list[Sample]:
         if not self.jsonl_path.exists():
             raise DataError(f"MMDialog file not found: {self.jsonl_path}")
-        text = read_text(self.jsonl_path, "MMDialog file")  # a regular, non-empty UTF-8 file
         count_tokens = self._token_counter()
         samples = []
-        # Lines end at "\n" only: a JSON string may hold a raw U+2028, which splitlines() would cut at.
-        for line_number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            where = f"{self.jsonl_path}, line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON: {error}") from error
-            if not isinstance(record, dict) or not isinstance(record.get("conversation"), list):
+        for _, where, record in jsonl_records(self.jsonl_path, "MMDialog file"):
+            if not isinstance(record.get("conversation"), list):
                 raise DataError(f"{where}: expected an object with a 'conversation' list")
             where = f"{where} (conversation {record.get('conversation_id', '?')})"
             if len(record["conversation"]) < 2:

@@ -17,7 +17,6 @@ image file that does not exist is refused with a DataError naming the file and t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,25 +41,15 @@ class Prompt:
 
 def read_prompts(path: str | Path, image_root: str | Path | None = None) -> list[Prompt]:
     """Parse and check a prompts JSONL file (see the module docstring for the format)."""
-    from mmgen.files import read_text
+    from mmgen.files import jsonl_records
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"prompts file not found: {path}")
-    text = read_text(path, "prompts file", allow_empty=True)  # a regular UTF-8 file, else named
     root = Path(image_root) if image_root is not None else path.parent
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON: {error.msg} (column {error.colno})") from error
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for number, where, record in jsonl_records(path, "prompts file", allow_empty=True):
         unknown = sorted(set(record) - KEYS)
         if unknown:
             raise DataError(f"{where}: unknown key(s) {unknown}; a prompt has {sorted(KEYS)}")

@@ -205,9 +205,9 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
         cap = collate(self.caption_sequences(ids, pack_caption), self._pad_id, device)
         cap_out = self.llm(cap.embed(self.llm.embed, prefix), cap.attention_mask, cap.labels)
 
-        ret_lm, h_ret, _ = self.text_forward(ids, pack_ret)  # (b, r, h)
+        ret_lm, h_ret, e_ret = self.text_forward(ids, pack_ret)  # (b, r, h), (b, r, d)
         if pack_gen == pack_ret and share_text_forward:
-            gen_lm, h_gen, e_gen = ret_lm, h_ret, _
+            gen_lm, h_gen, e_gen = ret_lm, h_ret, e_ret
         else:
             gen_lm, h_gen, e_gen = self.text_forward(ids, pack_gen)  # (b, r, h), (b, r, d)
 
