@@ -16,10 +16,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[test]"
+	# torchvision's registry wheel is a CUDA build that breaks importing peft, lightning, diffusers
+	# next to the CPU torch; this start-up hook fixes that in every process of the venv
+	$(PY) -c "from mmgen._torchvision_fix import write_pth; print(write_pth())"
 	touch $@
 
-demo: setup  ## the main job: FROMAGe on the toy world, CPU, about a minute
-	$(VENV)/bin/mmgen fit --config configs/fromage_tiny.yaml
+demo: setup  ## the main job: GILL on the toy world (CPU, a few minutes), then answers to interleaved prompts as HTML
+	OMP_NUM_THREADS=1 $(VENV)/bin/mmgen fit --config configs/gill_toy.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/mmgen predict --config configs/gill_toy.yaml --config configs/predict_world_toy.yaml \
+		--ckpt_path runs/gill_toy/checkpoints/last.ckpt
+	@echo "open runs/predict_world_toy/index.html"
 
 test: setup
 	$(PY) -m pytest -q

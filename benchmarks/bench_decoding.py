@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import mmgen  # noqa: E402,F401  (torchvision fix before transformers)
+import mmgen  # noqa: E402,F401
 
 
 def build_llm(name: str, dtype: str, device: str):

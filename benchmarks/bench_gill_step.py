@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mmgen  # noqa: E402,F401  (torchvision fix first)
+import mmgen  # noqa: E402,F401
 import torch  # noqa: E402
 
 from mmgen.components.causal_lm import CausalLM  # noqa: E402

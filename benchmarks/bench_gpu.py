@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import mmgen  # noqa: E402,F401  (torchvision fix first)
+import mmgen  # noqa: E402,F401
 import torch  # noqa: E402
 
 METHODS = ("fromage", "gill", "minigpt5")

@@ -2,6 +2,6 @@
 
 from mmgen import _torchvision_fix
 
-_torchvision_fix.apply()  # before anything imports torchvision (transformers, peft, timm, lightning)
+_torchvision_fix.install()  # a no-op where the venv's start-up hook installed it already
 
 __version__ = "0.1.0"

@@ -8,22 +8,35 @@
     mmgen convert fromage --release DIR --out out/x  # official release -> pretrained folder
     mmgen index build --model last.ckpt --images DIR_OR_TSV --out out/index  # retrieval index
     mmgen chat --model last.ckpt [--index out/index] [--out chat/]  # talk with a trained model
+    mmgen serve --model last.ckpt [--index out/index] [--port 7860]  # the same in the browser
 
-Tests call ``main([...])`` in-process.
+``mmgen --help`` lists every command: Lightning's four and every ``@tool`` registered in
+``TOOLS`` (its docstring's first sentence); ``mmgen --version``. Bad input (``ConfigError``,
+``DataError``, the hub client's not-found errors) prints one line and exits 2; ``--debug`` or
+``MMGEN_DEBUG=1`` keeps the traceback. Tests call ``main([...])`` in-process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-import mmgen  # noqa: F401  (torchvision fix before lightning's imports)
 from mmgen.methods.base import MultimodalLM
 
 TOOLS = {}
+
+#: Lightning's subcommands (their options: ``mmgen fit --help``).
+LIGHTNING_COMMANDS = {
+    "fit": "train a model from a config (--config FILE, overrides as --key=value); --ckpt_path resumes",
+    "validate": "run the validation set once (--ckpt_path: the checkpoint to evaluate)",
+    "test": "run the test set once (--ckpt_path: the checkpoint to evaluate)",
+    "predict": "answer prompts with a trained model (--ckpt_path), writing the answers",
+}
 
 
 def tool(name):
@@ -37,7 +50,7 @@ def tool(name):
 def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
     import mmgen.components  # noqa: F401  (registers components so short class names resolve)
     import mmgen.methods  # noqa: F401
-    from mmgen.lightning_cli import MMGenCLI  # config-file, checkpoint and resume checks
+    from mmgen.lightning_cli import MMGenCLI  # config-file, checkpoint, source and resume checks
 
     return MMGenCLI(
         MultimodalLM,
@@ -46,28 +59,95 @@ def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
+        # The methods build their own AdamW groups and schedule (model.optim) and MiniGPT-5's stages
+        # rebuild them; a --optimizer would silently replace all that, so there is none.
+        auto_configure_optimizers=False,
         args=args,
         run=run,
     )
 
 
+def _summary(fn) -> str:
+    """First sentence of a tool's docstring, on one line."""
+    text = " ".join((fn.__doc__ or "").split())
+    return text.split(". ")[0].rstrip(".") if text else ""
+
+
+def usage() -> str:
+    """``mmgen --help``: every command, the tools read from ``TOOLS`` and their docstrings."""
+    from mmgen import __version__
+
+    width = max(len(name) for name in [*LIGHTNING_COMMANDS, *TOOLS]) + 2
+    lines = [
+        f"usage: mmgen COMMAND [options]        (mmgen {__version__}; mmgen COMMAND --help for its options)",
+        "", "training and evaluation (Lightning; configs in configs/, docs/configs.md):",
+    ]
+    lines += [f"  {name:<{width}}{text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "tools:"]
+    for name, fn in sorted(TOOLS.items()):  # wrapped under its name: docstrings are long
+        lines += textwrap.wrap(_summary(fn), 100, initial_indent=f"  {name:<{width}}", subsequent_indent=" " * (width + 2))
+    lines += [
+        "", "options:", f"  {'-h, --help':<{width}}this list", f"  {'--version':<{width}}print the version",
+        f"  {'--debug':<{width}}show the full traceback of an error (or set MMGEN_DEBUG=1)",
+        "", "Errors in your input (files, configs, checkpoints, model names) print one line and exit with 2.",
+    ]
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None):
     given = list(sys.argv[1:] if args is None else args)
-    if given and given[0] in TOOLS:
+    if given[:1] == ["--debug"]:
+        given = given[1:]
+    if not given or given[0] in ("-h", "--help", "help"):
+        print(usage())
+        return None
+    if given[0] == "--version":
+        from mmgen import __version__
+
+        print(f"mmgen {__version__}")
+        return None
+    if given[0] in TOOLS:
         return TOOLS[given[0]](given[1:])
-    return build_cli(args)  # None: LightningCLI reads sys.argv itself
+    if given[0] not in LIGHTNING_COMMANDS and not given[0].startswith("-"):
+        from mmgen.errors import ConfigError
+
+        raise ConfigError(f"unknown command {given[0]!r}; commands: {', '.join([*LIGHTNING_COMMANDS, *sorted(TOOLS)])}")
+    return build_cli(given)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug: their message is the whole story."""
+    from mmgen.errors import ConfigError, DataError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError]
+    try:  # the hub client's "not found / offline" family (name the repository in their message)
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        errors += [HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError]
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def console_main() -> None:
     """The ``mmgen`` console script: like ``main``, but returns nothing, so that the process exit
     status is 0 on success (a returned object would become exit status 1). A user error (bad
-    data, config or checkpoint) prints its one-sentence message, without a traceback, and exits 2."""
-    from mmgen.errors import ConfigError, DataError
+    data, config, checkpoint or model name) prints its message on one line, without a traceback,
+    and exits 2; bugs keep their traceback. ``--debug`` (or ``MMGEN_DEBUG=1``) shows every traceback."""
+    args = sys.argv[1:]
+    # main() hands the arguments on explicitly; LightningCLI warns when it also finds them in
+    # sys.argv. sys.argv itself must stay: Lightning's DDP relaunches each process from it.
+    import warnings
 
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    debug = args[:1] == ["--debug"] or os.environ.get("MMGEN_DEBUG", "") not in ("", "0")
     try:
-        main()
-    except (ConfigError, DataError) as error:
-        print(f"mmgen: error: {error}", file=sys.stderr)
+        main(args)
+    except user_errors() as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the message's own layout
+        print(f"mmgen: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -77,9 +157,13 @@ def list_components(args: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="mmgen components", description=list_components.__doc__)
     parser.add_argument("kind", nargs="?", help="only this kind")
     options = parser.parse_args(args)
+    from mmgen.errors import ConfigError
     from mmgen.registry import registered
 
-    table = registered(options.kind)
+    try:
+        table = registered(options.kind)
+    except KeyError as error:
+        raise ConfigError(error.args[0]) from None
     for kind, classes in table.items():
         print(f"{kind}:")
         for name, cls in sorted(classes.items()):
@@ -102,7 +186,8 @@ def parameter_report(args: list[str]):
     memory.add_argument("--memory", action="store_true", help="also print the memory plan (an estimate)")
     memory.add_argument("--micro-batch", type=int, help="samples per GPU per forward (default: the data's batch_size)")
     memory.add_argument("--precision", help="32, bf16-mixed, 16-mixed, bf16-true, 16-true (default: the trainer's)")
-    memory.add_argument("--strategy", choices=["ddp", "fsdp"], help="default: the trainer's (ddp unless FSDP/DeepSpeed)")
+    memory.add_argument("--strategy", choices=["ddp", "fsdp", "fsdp_backbones"],
+                        help="default: the trainer's (ddp unless FSDP/DeepSpeed; fsdp_backbones: mmgen.sharding)")
     memory.add_argument("--devices", type=int, help="GPUs (default: the trainer's devices)")
     memory.add_argument("--activation-checkpointing", action="store_true", default=None,
                         help="recompute the LLM's layers in backward (default: the LLM's gradient_checkpointing)")
@@ -152,6 +237,7 @@ def cache_captions(args: list[str]):
     import torch
 
     from mmgen.data.caption_cache import CachedCaptionDataModule, read_tsv_captions, write_caption_cache
+    from mmgen.data.feature_cache import caption_fingerprint
 
     data, generator = None, None
     if options.config:
@@ -188,6 +274,7 @@ def cache_captions(args: list[str]):
         generator=generator.identity, text_embed_dim=generator.text_embed_dim,
         max_length=generator.max_length, use_attention_mask=options.use_attention_mask,
         tsv=tsv, caption_column=column, batch_size=options.batch_size, shard_size=options.shard_size,
+        fingerprint=caption_fingerprint(generator, options.use_attention_mask),  # GILL checks it
     )
     print(f"{len(captions)} caption embeddings of {tsv} -> {manifest}")
     return manifest
@@ -196,15 +283,22 @@ def cache_captions(args: list[str]):
 @tool("export")
 def export(args: list[str]):
     """Write a Lightning checkpoint of an mmgen run as a pretrained folder (config, trained
-    tensors as safetensors, adapter files, model card); see mmgen.pretrained."""
+    tensors as safetensors, tokenizer, adapter files, model card), optionally pushed to the hub;
+    see mmgen.pretrained and docs/weights.md."""
     parser = argparse.ArgumentParser(prog="mmgen export", description=export.__doc__)
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by mmgen fit")
     parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="then upload the folder to this hub repository "
+                        "(org/name; created if missing; log in first: hf auth login, or set HF_TOKEN)")
+    parser.add_argument("--private", action="store_true", help="create the hub repository private")
     options = parser.parse_args(args)
-    from mmgen.pretrained import export_checkpoint
+    from mmgen.pretrained import export_checkpoint, push_to_hub
 
     out = export_checkpoint(options.ckpt_path, options.out)
     print(f"{options.ckpt_path} -> {out}")
+    if options.push_to_hub:
+        url = push_to_hub(out, options.push_to_hub, private=options.private or None)
+        print(f"{out} -> {url}")
     return out
 
 
@@ -272,6 +366,52 @@ def chat(args: list[str]):
     from mmgen.inference.chat import main as chat_main
 
     return chat_main(args)
+
+
+@tool("serve")
+def serve(args: list[str]):
+    """A chat page in the browser (Gradio, pip install mmgen[demo]): text and images in, text with
+    retrieved and generated images out (mmgen.inference.web)."""
+    from mmgen.inference.web import main as serve_main
+
+    return serve_main(args)
+
+
+@tool("eval")
+def evaluate(args: list[str]):
+    """Run one of the papers' benchmarks (VIST, VisDial, CC3M, MMDialog) on a trained model: the
+    paper's table with its numbers beside, a JSON of the results, cached images and a contact
+    sheet (mmgen.evaluation, docs/evaluation.md)."""
+    from mmgen.evaluation.run import main as eval_main
+
+    return eval_main(args)
+
+
+@tool("shards")
+def shards(args: list[str]):
+    """Write webdataset shards from a caption TSV + image folder, img2dataset output or a config's
+    MiniGPT-5 samples, or describe shards (mmgen.data_commands; docs/data.md)."""
+    from mmgen.data_commands import shards_main
+
+    return shards_main(args)
+
+
+@tool("cache-features")
+def cache_features(args: list[str]):
+    """Cache a frozen component's outputs over shards: CLIP features, VAE latent distributions or
+    caption embeddings (mmgen.data_commands; docs/data.md)."""
+    from mmgen.data_commands import cache_features_main
+
+    return cache_features_main(args)
+
+
+@tool("toy")
+def toy(args: list[str]):
+    """The toy world: `mmgen toy pretrain` rebuilds its tiny backbones (tokenizer, LMs, CLIP,
+    Q-Former, judge, diffusion model) into mmgen/assets/toy_world (mmgen.toy; docs/toy_world.md)."""
+    from mmgen.toy.cli import main as toy_main
+
+    return toy_main(args)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,16 @@ def inside_root(path: Path, root: Path, where: str, key: str = "image path", all
         raise DataError(f"{where}: {key} {str(path)!r} leaves the data folder {root} "
                         "(set allow_outside_paths: true to read files elsewhere)")
     return full
+
+
+def replace_atomically(path: Path, write) -> Path:
+    """``write(temporary_path)`` then rename it onto ``path``: a reader (another process writing
+    the same generated file, as DDP ranks do) sees the old file or the whole new one, never a
+    partial one."""
+    import os
+
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+    return path

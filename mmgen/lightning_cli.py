@@ -11,12 +11,17 @@ On top of Lightning's own CLI, :class:`MMGenCLI`
   change (the learning rate and its schedule, where initial weights came from) is applied; any
   other difference is refused with the list of keys (Lightning would otherwise silently rebuild
   the checkpoint's model and drop the change);
+- refuses ``--optimizer`` / ``--lr_scheduler``: the methods build their own optimizer groups and
+  schedule, which those would silently replace (MiniGPT-5's stage freezing with them);
+- checks every data path, local model file and (offline) hub model of the config up front and
+  reports them together (:mod:`mmgen.preflight`);
 - writes checkpoints atomically (:class:`mmgen.checkpoints.AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -31,6 +36,8 @@ RESUMABLE_CHANGES = (
     "optim.total_steps", "init_from", "init_reset", "gill_checkpoint",
 )
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
+#: LightningCLI options that would bypass mmgen's optimizer and stages (see parse_arguments).
+_REFUSED = ("--optimizer", "--lr_scheduler")
 
 
 def config_files(args: list[str]) -> list[str]:
@@ -105,14 +112,44 @@ def _resumable(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
 
 
+def _plain_dict(value):
+    """A jsonargparse Namespace (a parsed config section) as nested dicts."""
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
 class MMGenCLI(LightningCLI):
     """LightningCLI with mmgen's file, checkpoint and resume checks (module docstring)."""
 
     def parse_arguments(self, parser, args) -> None:
         given = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        options = [str(a).split("=", 1)[0] for a in given]  # "--optimizer.lr=0.1" -> "--optimizer.lr"
+        refused = sorted({o for o in options if o.split(".", 1)[0] in _REFUSED})
+        if refused:
+            raise ConfigError(
+                f"{', '.join(refused)}: not supported by mmgen; each method builds its own AdamW parameter groups "
+                "and learning-rate schedule (and MiniGPT-5's stages rebuild them): set model.init_args.optim.* "
+                "instead (e.g. --model.init_args.optim.lr=1e-4, schedule constant|step|linear)"
+            )
         for value in config_files([str(a) for a in given]):
             check_config_file(value)
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():
+            # mmgen's main() always passes the arguments explicitly (its tools build the CLI with
+            # their own); Lightning's warning about sys.argv being set too says nothing useful then.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        """Every missing data file, local model file and offline hub model, in one error
+        (:mod:`mmgen.preflight`), before minutes of building backbones."""
+        from mmgen.preflight import check_sources
+
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return  # run=False (mmgen params): random weights on the meta device, no data read
+        section = self.config[subcommand]
+        model, data = (_plain_dict(section.get(key)) for key in ("model", "data"))
+        configs = ", ".join(map(str, section.get("config") or [])) or "arguments"
+        check_sources(model, data, source=f"mmgen {subcommand} ({configs})")
 
     def _parse_ckpt_path(self) -> None:
         from mmgen.checkpoints import check_stored_config, load_checkpoint, resume_path
@@ -163,6 +200,9 @@ class MMGenCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         from mmgen.checkpoints import install_atomic_io
+        from mmgen.quiet import quiet_training_run
+
+        quiet_training_run()  # Lightning's notices about what mmgen does on purpose (mmgen.quiet)
 
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_io(trainer)

@@ -64,7 +64,7 @@ from torch import nn
 
 GiB = 2**30
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
-STRATEGIES = ("single", "ddp", "fsdp")
+STRATEGIES = ("single", "ddp", "fsdp", "fsdp_backbones")
 
 
 @dataclass
@@ -499,39 +499,55 @@ def memory_plan(model, setting: Setting, title: str | None = None) -> MemoryPlan
     plan = MemoryPlan(title or type(model).__name__, setting)
     W = setting.devices
     fsdp = setting.strategy == "fsdp" and W > 1
-    shard = W if fsdp else 1
+    # fsdp_backbones (mmgen.sharding): only the transformer blocks of the LLM and the visual
+    # encoder are sharded; the rest is replicated under DDP
+    in_blocks: set[int] = set()
+    if setting.strategy == "fsdp_backbones" and W > 1:
+        from mmgen.sharding import DEFAULT_COMPONENTS, transformer_blocks
+
+        for name in DEFAULT_COMPONENTS:
+            if getattr(model, name, None) is not None:
+                for block in transformer_blocks(getattr(model, name)):
+                    in_blocks.update(id(p) for p in block.parameters())
+
+    def share(p) -> int:
+        """1/how many devices hold ``p``."""
+        return W if fsdp or id(p) in in_blocks else 1
 
     def stored(p) -> torch.dtype:
         return setting.cast_dtype if setting.cast_dtype is not None and p.is_floating_point() else p.dtype
 
     frozen: dict[torch.dtype, int] = {}
     trainable: dict[torch.dtype, int] = {}
+    frozen_bytes = trainable_bytes = replicated_trainable_bytes = 0.0
     for p in model.parameters():
         table = trainable if p.requires_grad else frozen
         table[stored(p)] = table.get(stored(p), 0) + p.numel()
-
-    def bytes_of(table):
-        return sum(n * d.itemsize for d, n in table.items())
+        size = p.numel() * stored(p).itemsize / share(p)
+        if p.requires_grad:
+            trainable_bytes += size
+            replicated_trainable_bytes += size if share(p) == 1 else 0
+        else:
+            frozen_bytes += size
 
     def describe(table):
         parts = sorted(table.items(), key=str)
         return ", ".join(f"{_fmt_count(n)} {str(d).removeprefix('torch.')}" for d, n in parts)
 
-    plan.add("weights", "frozen weights", bytes_of(frozen) / shard,
-             describe(frozen) + (f", sharded over {W}" if fsdp else ""))
+    sharded_note = f", sharded over {W}" if fsdp else (f", transformer blocks sharded over {W}" if in_blocks else "")
+    plan.add("weights", "frozen weights", frozen_bytes, describe(frozen) + sharded_note)
     n_train = sum(trainable.values())
-    plan.add("weights", "trainable weights", bytes_of(trainable) / shard,
+    plan.add("weights", "trainable weights", trainable_bytes,
              describe(trainable) + (" (the fp32 master copies)" if setting.mixed else "")
              + (f", sharded over {W}" if fsdp else ""))
     if setting.mixed:
         plan.add("weights", "16-bit working copies (autocast)", n_train * 2, "of the trainable weights, during the step")
-    plan.add("gradients", "gradients", bytes_of(trainable) / shard, "one per trainable parameter")
-    if setting.strategy == "ddp" and W > 1:
-        plan.add("gradients", "DDP gradient buckets", bytes_of(trainable),
-                 "a second copy (gradient_as_bucket_view=False)")
-    plan.add("optimizer", "AdamW state", 2 * bytes_of(trainable) / shard,
-             "exp_avg + exp_avg_sq at the parameters' dtype")
-    if fsdp:
+    plan.add("gradients", "gradients", trainable_bytes, "one per trainable parameter")
+    if setting.strategy in ("ddp", "fsdp_backbones") and W > 1:
+        plan.add("gradients", "DDP gradient buckets", replicated_trainable_bytes,
+                 "a second copy of the replicated ones (gradient_as_bucket_view=False)")
+    plan.add("optimizer", "AdamW state", 2 * trainable_bytes, "exp_avg + exp_avg_sq at the parameters' dtype")
+    if fsdp or in_blocks:
         layer = _largest_layer_bytes(model, setting)
         plan.add("weights", "FSDP gathered layers", 2 * layer, "one decoder layer gathered, one prefetched")
 
@@ -619,7 +635,8 @@ def setting_from_config(config, datamodule=None, **given) -> Setting:
         "micro_batch": _batch_size(datamodule) or 1,
     }
     strategy = str(trainer.get("strategy") or "auto").lower()
-    values["strategy"] = "fsdp" if ("fsdp" in strategy or "deepspeed" in strategy) else "ddp"
+    values["strategy"] = ("fsdp_backbones" if "fsdp_backbones" in strategy or "shardedbackbones" in strategy
+                          else "fsdp" if ("fsdp" in strategy or "deepspeed" in strategy) else "ddp")
     values.update({k: v for k, v in given.items() if v is not None})
     if values["devices"] == 1 and values["strategy"] == "ddp":
         values["strategy"] = "single"

@@ -1,15 +1,31 @@
 """Pretrained folders: any mmgen model as a config, its trained tensors and a model card.
 
     model.save_pretrained("out/fromage")       # or mmgen.pretrained.save_pretrained(model, dir)
-    model = MultimodalLM.from_pretrained("out/fromage")   # offline, from the local folder
+    model = MultimodalLM.from_pretrained("out/fromage")   # a local folder ...
+    model = MultimodalLM.from_pretrained("org/fromage-tiny")   # ... or a hub id (huggingface_hub)
+    model.push_to_hub("org/fromage-tiny")      # or mmgen.pretrained.push_to_hub(folder, repo_id)
 
 A folder holds::
 
-    config.yaml          the model's config: {class_path, init_args}, as LightningCLI parsed it
+    config.yaml          the model's config: {class_path, init_args}, as LightningCLI parsed it,
+                         without the training run's own files (``init_from``, ``gill_checkpoint``:
+                         their tensors are in model.safetensors), so a copy loads anywhere
     model.safetensors    the trained tensors only, keyed as in mmgen's checkpoints' state_dict
-    adapter/<component>/ the LLM's peft adapter (LoRA, token rows) in peft's own format, for use
-                         outside mmgen; loading reads model.safetensors, not these
-    README.md            a short model card
+                         (a nested method's too: the decision stage's GILL)
+    adapter/<component>/ the LLM's peft adapter (LoRA, token rows) in peft's own format, with
+                         ``base_model_name_or_path`` naming the LLM, for use outside mmgen
+    tokenizer/<component>/ the LLM's tokenizer with the method's added tokens ([RET], [IMG0], ...)
+    README.md            a model card (hub metadata: library mmgen, the method as a tag)
+
+Loading reads config.yaml and model.safetensors; the adapter and tokenizer are there for use with
+stock peft and transformers.
+
+Why not huggingface_hub's ``ModelHubMixin``: it writes a model's ``__init__`` arguments as a flat
+JSON config and rebuilds it with them, while an mmgen model is a nested ``class_path``/``init_args``
+component config that must be checked against the registry before anything is imported, and the
+folder stores only the trained tensors, checked key by key on load. Both of the mixin's own hooks
+(``_save_pretrained``, ``_from_pretrained``) would be overridden; what remains, download and
+upload, is used here directly (``snapshot_download``, ``HfApi.upload_folder``).
 
 Frozen backbones are not copied: the config names them by hub id or local path, and loading
 builds them from there (offline where they are cached or local). Weights are checked on load:
@@ -33,6 +49,10 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 ADAPTER_DIR = "adapter"
+TOKENIZER_DIR = "tokenizer"
+#: Init arguments that name files of the training run. A folder holds their tensors, so its
+#: config drops them (a copy elsewhere would otherwise look for the run's checkpoints).
+RUN_FILES = ("init_from", "gill_checkpoint")
 
 
 # -- what a folder stores ----------------------------------------------------------------------
@@ -61,10 +81,24 @@ def model_config(model) -> dict:
 def weight_names(model) -> list[str]:
     """Names of the tensors a pretrained folder stores: the method's grouped parameters
     (``parameter_groups()``), trained in this run or not (MiniGPT-5's stage 2 freezes its stage-1
-    ``fc``, which is still part of the trained model)."""
-    if hasattr(model, "trainable_state_keys"):
-        return sorted(model.trainable_state_keys())
-    return sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    ``fc``, which is still part of the trained model), and those of any method nested in it (the
+    decision stage's frozen GILL, which its config would otherwise load from ``gill_checkpoint``)."""
+    if not hasattr(model, "trainable_state_keys"):
+        return sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    names = set(model.trainable_state_keys())
+    for prefix, child in model.named_modules():
+        if prefix and hasattr(child, "trainable_state_keys"):  # a method inside the method
+            names |= {f"{prefix}.{name}" for name in child.trainable_state_keys()}
+    return sorted(names)
+
+
+def portable_config(config: dict) -> dict:
+    """``config`` without the training run's files (:data:`RUN_FILES`, set to None at any depth)."""
+    if isinstance(config, dict):
+        return {k: (None if k in RUN_FILES else portable_config(v)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [portable_config(v) for v in config]
+    return config
 
 
 def trained_state(model) -> dict[str, torch.Tensor]:
@@ -81,7 +115,7 @@ def save_pretrained(model, directory: str | Path, config: dict | None = None, ca
     """
     from safetensors.torch import save_file
 
-    config = config or model_config(model)
+    config = portable_config(config or model_config(model))
     state = trained_state(model)
     if not state:
         raise ConfigError(f"{type(model).__name__} has no trained tensors: call configure_model() before saving")
@@ -93,11 +127,12 @@ def save_pretrained(model, directory: str | Path, config: dict | None = None, ca
         yaml.safe_dump(_plain(config), f, sort_keys=False)
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "class_path": config["class_path"]})
     adapters = _save_adapters(model, directory / ADAPTER_DIR)
+    _save_tokenizers(model, directory / TOKENIZER_DIR)
     random_parts = _random_backbones(config)
     if random_parts:
         warnings.warn(
-            f"{', '.join(random_parts)} have no name_or_path (random frozen weights): a reload builds "
-            "new random weights, so its outputs differ", stacklevel=2,
+            f"{', '.join(random_parts)} have no name_or_path (random frozen weights, not pretrained): a reload "
+            "rebuilds the same ones from the config's seed", stacklevel=2,
         )
     (directory / CARD_FILE).write_text(_model_card(config, state, adapters, random_parts, card_notes))
     return directory
@@ -121,12 +156,38 @@ def _save_adapters(model, directory: Path) -> list[str]:
         from peft import PeftModel
     except ImportError:  # peft is a dependency of CausalLM; without it there is no adapter
         return []
+    import json
+
     saved = []
-    for name, child in model.named_children():
+    for name, child in _llms(model):
         inner = getattr(child, "model", None)
         if isinstance(inner, PeftModel):
             # the new token rows are saved; the frozen (resized) embedding matrix is not copied
             inner.save_pretrained(str(directory / name), save_embedding_layers=False)
+            # peft records the base model's config.name_or_path: empty for a random build, the
+            # absolute path of a local folder; the component's own source is what a user loads
+            config_path = directory / name / "adapter_config.json"
+            adapter_config = json.loads(config_path.read_text())
+            adapter_config["base_model_name_or_path"] = getattr(child, "name_or_path", None) or adapter_config.get(
+                "base_model_name_or_path") or None
+            config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+            saved.append(name)
+    return saved
+
+
+def _llms(model) -> list[tuple[str, object]]:
+    """(dotted name, component) of every LLM backbone in a model (a nested method's too)."""
+    from mmgen.components.base import LLMBackbone
+
+    return [(name, module) for name, module in model.named_modules() if name and isinstance(module, LLMBackbone)]
+
+
+def _save_tokenizers(model, directory: Path) -> list[str]:
+    """Each LLM's tokenizer with the method's added tokens, in transformers' format."""
+    saved = []
+    for name, llm in _llms(model):
+        if getattr(llm, "tokenizer", None) is not None:
+            llm.tokenizer.save_pretrained(str(directory / name))
             saved.append(name)
     return saved
 
@@ -154,6 +215,7 @@ def _model_card(config, state, adapters, random_parts, notes) -> str:
     method = config["class_path"].rsplit(".", 1)[-1]
     n_params = sum(t.numel() for t in state.values())
     lines = [
+        "---", "library_name: mmgen", f"tags: [mmgen, {method.lower()}]", "---", "",
         f"# {method} (mmgen)", "",
         f"A `{config['class_path']}` model saved by mmgen. Frozen backbones are not in this folder: "
         "they load from the sources below.", "",
@@ -164,7 +226,7 @@ def _model_card(config, state, adapters, random_parts, notes) -> str:
         if "name_or_path" not in args:
             source = "this folder (trained)" if any(k.startswith(f"{name}.") for k in state) else "built from config"
         elif source is None or args.get("random_weights"):
-            source = "random (config only)"
+            source = f"random (config, seed {args.get('seed', 0)})"
         lines.append(f"| {name} | `{class_path}` | {source} |")
     lines += [
         "", f"Trained tensors in `{WEIGHTS_FILE}`: {len(state)} ({n_params:,} parameters).",
@@ -172,14 +234,17 @@ def _model_card(config, state, adapters, random_parts, notes) -> str:
     if adapters:
         lines.append(f"peft adapters (for use outside mmgen): {', '.join(f'`{ADAPTER_DIR}/{a}`' for a in adapters)}.")
     if random_parts:
-        lines.append(f"Warning: {', '.join(random_parts)} use random frozen weights; a reload rebuilds them at random.")
+        lines.append(f"Warning: {', '.join(random_parts)} use random frozen weights (not pretrained); a reload "
+                     "rebuilds the same ones from each component's seed.")
     if notes:
         lines += ["", notes.strip()]
     lines += [
         "", "## Loading", "", "```python",
         "from mmgen.methods.base import MultimodalLM",
-        "model = MultimodalLM.from_pretrained('path/to/this/folder')",
+        "model = MultimodalLM.from_pretrained('path/to/this/folder')  # or its hub id, org/name",
         "```", "",
+        f"`{TOKENIZER_DIR}/` holds the LLM's tokenizer with the method's added tokens; `{ADAPTER_DIR}/` "
+        "its peft adapter (`peft.PeftModel.from_pretrained(base_model, folder)`).", "",
         "Continue training: `mmgen fit --model path/to/this/folder/config.yaml --data ... "
         "--trainer.callbacks+=mmgen.callbacks.InitFrom --trainer.callbacks.path=path/to/this/folder`.", "",
     ]
@@ -234,6 +299,9 @@ def build_model(config: dict, source: str = "model config", allow_modules: tuple
         raise ConfigError(f"{source}: a model config needs 'class_path' and 'init_args', got {type(config).__name__} "
                           f"with keys {sorted(config) if isinstance(config, dict) else '-'}")
     check_class_paths(config, source, tuple(allow_modules))
+    from mmgen.preflight import check_sources
+
+    check_sources(model=config, source=source)  # every missing model file / offline hub id, named, at once
     for module in allow_modules:  # trusted by the caller: import so its components register
         import importlib
 
@@ -255,6 +323,44 @@ def build_model(config: dict, source: str = "model config", allow_modules: tuple
         return parser.instantiate_classes(parsed).model
     with _given_hyperparameters_context(hparams=hparams, instantiator="lightning.pytorch.cli.instantiate_module"):
         return parser.instantiate_classes(parsed).model
+
+
+def resolve_folder(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """A pretrained folder from a local path or a hub id (``org/name``, downloaded or found in the
+    hub cache by ``huggingface_hub.snapshot_download``). Offline without a cached copy, or a
+    repository that does not exist: a ConfigError naming the id."""
+    from mmgen.components.hub import looks_local
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or looks_local(str(name_or_path)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+        from mmgen.preflight import hub_offline
+
+        why = ("not in the local hub cache and the hub is offline (HF_HUB_OFFLINE=1)" if hub_offline()
+               else f"not found on the hub ({type(error).__name__})")
+        raise ConfigError(f"{name_or_path}: no such local folder, and as a hub model it is {why}") from None
+    except HFValidationError as error:
+        raise ConfigError(f"{name_or_path}: not a local folder nor a valid hub id: {error}") from None
+
+
+def method_class(config: dict):
+    """The registered class a config's ``class_path`` names (full path or short name), without
+    building anything; None where it is not registered (research code in ``allow_modules``)."""
+    import mmgen.methods  # noqa: F401  (registers the methods)
+    from mmgen.registry import REGISTRY
+
+    path = config.get("class_path")
+    for kind in REGISTRY.values():
+        for name, cls in kind.items():
+            if path in (name, f"{cls.__module__}.{cls.__qualname__}"):
+                return cls
+    return None
 
 
 def read_config(directory: str | Path) -> dict:
@@ -312,16 +418,23 @@ def load_weights_into(model, state: dict[str, torch.Tensor], source: str, allow_
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
+    model._loaded_weights_from = source  # a stage that needs trained tensors checks for it (GILLDecisionStage)
     return missing
 
 
-def load_pretrained(directory: str | Path, allow_modules: tuple[str, ...] = ()):
-    """Build, configure and fill the model of a pretrained folder; returned in eval mode.
+def load_pretrained(name_or_path: str | Path, allow_modules: tuple[str, ...] = (), expected: type | None = None,
+                    revision: str | None = None):
+    """Build, configure and fill the model of a pretrained folder (a local path or a hub id);
+    returned in eval mode.
 
     The config's ``class_path`` entries must be registered mmgen components; ``allow_modules``
-    names modules (research code) you trust to be imported for it."""
-    directory = Path(directory)
+    names modules (research code) you trust to be imported for it. ``expected``: the class the
+    folder must hold (checked before any backbone is built). ``revision``: of a hub id."""
+    directory = resolve_folder(name_or_path, revision)
     config = read_config(directory)
+    found = method_class(config)
+    if expected is not None and found is not None and not issubclass(found, expected):
+        raise ConfigError(f"{name_or_path} holds a {found.__name__}, not a {expected.__name__}")
     state = read_weights(directory / WEIGHTS_FILE)  # read (and checked readable) before building
     model = build_model(config, str(directory / CONFIG_FILE), allow_modules)
     model.configure_model()
@@ -341,10 +454,39 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
     class_path = hparams.pop("_class_path")
     hparams.pop("_instantiator", None)
     config = {"class_path": class_path, "init_args": hparams}
-    model = build_model(config, f"{ckpt_path} (its stored model config)")
+    source = f"{ckpt_path} (its stored model config)"
+    # Built without the run's files first: a checkpoint normally holds every stored tensor, and
+    # the previous stage's checkpoint may no longer exist where the run found it.
+    model = build_model(portable_config(config), source)
     model.configure_model()
-    missing = load_weights_into(model, checkpoint["state_dict"], str(ckpt_path), allow_missing=bool(hparams.get("init_from")))
+    from_run_files = bool(set(weight_names(model)) - set(checkpoint["state_dict"])) and config != portable_config(config)
+    if from_run_files:  # tensors the checkpoint lacks come from init_from / gill_checkpoint after all
+        model = build_model(config, source)
+        model.configure_model()
+    missing = load_weights_into(model, checkpoint["state_dict"], str(ckpt_path), allow_missing=from_run_files)
     notes = f"Exported from the Lightning checkpoint `{ckpt_path.name}` (global step {checkpoint.get('global_step')})."
     if missing:
-        notes += f" {len(missing)} tensors not in the checkpoint come from `init_from`."
+        notes += f" {len(missing)} tensors not in the checkpoint come from {', '.join(k for k in RUN_FILES if hparams.get(k))}."
     return save_pretrained(model, out, config=config, card_notes=notes)
+
+
+def push_to_hub(model_or_folder, repo_id: str, private: bool | None = None, token: str | None = None,
+                commit_message: str | None = None, revision: str | None = None) -> str:
+    """Upload a model (saved to a temporary folder first) or a pretrained folder to the hub
+    repository ``repo_id`` (created if missing); returns the commit URL."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(model_or_folder, (str, Path)):
+            folder = Path(model_or_folder)
+            read_config(folder)  # a pretrained folder, or a clear error before any upload
+            read_weights(folder)
+        else:
+            folder = save_pretrained(model_or_folder, Path(tmp) / "model")
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
+                                   commit_message=commit_message or "Upload mmgen model")
+    return str(getattr(commit, "commit_url", commit))

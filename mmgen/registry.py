@@ -64,6 +64,7 @@ def registered(kind: str | None = None) -> dict[str, dict[str, type]]:
     """The registry (importing mmgen's own components first), optionally one kind only."""
     import mmgen.components  # noqa: F401  (registers mmgen's components)
     import mmgen.methods  # noqa: F401
+    import mmgen.evaluation  # noqa: F401  (the measuring networks of mmgen eval)
 
     if kind is None:
         return {k: dict(v) for k, v in sorted(REGISTRY.items())}

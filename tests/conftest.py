@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any hub lookup fails at once ins
 import pytest
 import torch
 
-import mmgen  # noqa: F401  (torchvision fix before transformers is imported)
+import mmgen  # noqa: F401
 from transformers import LogitsProcessor  # noqa: E402
 
 TOY_TOKENIZER = "mmgen:toy_tokenizer"
@@ -37,10 +37,10 @@ def tiny_llm(family: str = "opt", **kwargs):
     return CausalLM(config=dict(config), tokenizer=TOY_TOKENIZER, **kwargs)
 
 
-def tiny_clip():
+def tiny_clip(**kwargs):
     from mmgen.components.clip_vision import CLIPVisionEncoder
 
-    return CLIPVisionEncoder(config=dict(TINY_CLIP_VISION))
+    return CLIPVisionEncoder(config=dict(TINY_CLIP_VISION), **kwargs)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 
+def _full(tensor):
+    """A sharded DTensor gathered (every process calls this), else the tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 class Probe(Callback):
     """Saves, per process: the gradients of the first backward, the method's first random draw,
     and the metrics logged at the end of validation."""
@@ -26,8 +31,11 @@ class Probe(Callback):
 
     def on_after_backward(self, trainer, pl_module):
         if "grads" not in self.record:
-            self.record["grads"] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()
+            self.record["grads"] = {n: _full(p.grad).detach().clone() for n, p in pl_module.named_parameters()
                                     if p.grad is not None}
+            # which parameters are sharded, and the size of this process's shard
+            self.record["shards"] = {n: (p.to_local().numel(), p.numel()) for n, p in pl_module.named_parameters()
+                                     if hasattr(p, "to_local")}
             self.record["loss_terms"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     def on_validation_end(self, trainer, pl_module):

@@ -127,6 +127,7 @@ def test_caption_datamodule_via_cli_names_file_and_line(tmp_path):
 
     tsv = tmp_path / "train.tsv"
     tsv.write_text("caption\timage\nok\t../x.png\n", encoding="utf-8")
+    (tmp_path / "images").mkdir()  # a missing folder would be reported up front (mmgen.preflight)
     args = ["fit", "--config", TINY, "--trainer.logger=false", "--trainer.max_steps=1",
             f"--trainer.default_root_dir={tmp_path}/run",
             "--data=mmgen.data.captions.CaptionDataModule", f"--data.train_tsv={tsv}",

@@ -172,7 +172,7 @@ def test_build_embeds_with_the_models_image_side_and_refuses_another_models_inde
         fromage.retrieval_head.text_proj.weight.add_(1.0)  # the text side does not matter
     loaded.check_model(fromage)
     torch.manual_seed(1)
-    other = type(fromage)(tiny_llm("opt"), tiny_clip())  # another (random) visual encoder
+    other = type(fromage)(tiny_llm("opt"), tiny_clip(seed=1))  # another (random) visual encoder
     other.configure_model()
     other.retrieval_head.image_proj.load_state_dict(fromage.retrieval_head.image_proj.state_dict())
     with pytest.raises(ConfigError, match="made by another model"):

@@ -166,6 +166,12 @@ def test_full_size_plan_of_a_shipped_config(capsys):
     fsdp = memory_plan(cli.model, setting_from_config(cli.config, cli.datamodule, strategy="fsdp", devices=4))
     assert abs(_item(fsdp, "frozen weights") * 4 - frozen) < 1e6
     assert _item(fsdp, "FSDP gathered layers") > 0 and _item(fsdp, "DDP gradient buckets") == 0
+    # fsdp_backbones: the LLM's and CLIP's blocks (nearly all frozen weights) shard, the
+    # embeddings and everything that trains stay replicated
+    blocks = memory_plan(cli.model, setting_from_config(cli.config, cli.datamodule, strategy="fsdp_backbones", devices=4))
+    assert frozen / 4 < _item(blocks, "frozen weights") < frozen / 3
+    assert _item(blocks, "AdamW state") == pytest.approx(_item(plan, "AdamW state"), rel=1e-3)
+    assert _item(blocks, "DDP gradient buckets") > 0
     ckpt = memory_plan(cli.model, setting_from_config(cli.config, cli.datamodule, activation_checkpointing=True))
     assert _item(ckpt, "LLM layers (3 forwards)") < _item(plan, "LLM layers (3 forwards)") / 5
     true = memory_plan(cli.model, setting_from_config(cli.config, cli.datamodule, precision="bf16-true"))

@@ -142,7 +142,7 @@ def test_generator_ldm_loss_uses_min_snr_weights():
     torch.manual_seed(5)
     with torch.no_grad():
         latents = sd.vae.encode(images * 2 - 1).latent_dist.sample() * sd.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
+        noise = torch.randn(latents.shape)  # layout-free, as the component draws it
         t = torch.randint(0, 1000, (3,))
         pred = sd.unet(sd.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))

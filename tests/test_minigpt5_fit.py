@@ -23,7 +23,7 @@ def _metrics(root: Path) -> list[dict]:
 
 def _fit(config: str, *overrides: str):
     return main(["fit", "--config", str(CONFIGS / config), "--trainer.log_every_n_steps=1",
-                 "--data.init_args.batch_size=4", *overrides])
+                 "--data.init_args.batch_size=4", "--data.init_args.val=null", *overrides])
 
 
 def test_tiny_stage1_then_stage2_from_its_checkpoint(tmp_path, monkeypatch):
@@ -34,14 +34,14 @@ def test_tiny_stage1_then_stage2_from_its_checkpoint(tmp_path, monkeypatch):
     text = [float(r["train/text"]) for r in rows]
     caption = [float(r["train/caption"]) for r in rows]
     assert len(text) == 8 and text[-1] < text[0] and caption[-1] < caption[0]
-    checkpoint = tmp_path / "runs/minigpt5_stage1_tiny/checkpoints/last.ckpt"
+    (checkpoint,) = (tmp_path / "runs/minigpt5_stage1_tiny").glob("lightning_logs/version_*/checkpoints/last.ckpt")
     stage1 = torch.load(checkpoint, weights_only=True)["state_dict"]
     assert not any("lora_B" in k and v.abs().sum() > 0 for k, v in stage1.items())  # LoRA frozen in UAS
 
-    # Stage 2 starts from that checkpoint (the config's init_from path): fc and queries as
+    # Stage 2 starts from that checkpoint (init_from, as the config's comment says): fc and queries as
     # stage 1 left them, fresh LoRA; it trains LoRA, vokens and the mapper transformer.
     cli2 = _fit("minigpt5_stage2_tiny.yaml", "--trainer.max_steps=6",
-                "--data.init_args.train.init_args.n_stories=4")
+                "--data.init_args.train.init_args.n_stories=4", f"--model.init_args.init_from={checkpoint}")
     model = cli2.model
     params = dict(model.named_parameters())
     torch.testing.assert_close(params["mapper.queries.weight"], stage1["mapper.queries.weight"].to(params["mapper.queries.weight"]))
@@ -54,7 +54,7 @@ def test_tiny_stage1_then_stage2_from_its_checkpoint(tmp_path, monkeypatch):
     # the text loss of a fixed batch fell from the stage-1 initialisation to the trained model
     batch = next(iter(cli2.datamodule.train_dataloader()))
     before = main(["fit", "--config", str(CONFIGS / "minigpt5_stage2_tiny.yaml"), "--trainer.max_steps=0",
-                   "--trainer.logger=false"]).model  # built and initialised, not trained
+                   "--trainer.logger=false", f"--model.init_args.init_from={checkpoint}"]).model  # built and initialised, not trained
     model.eval(), before.eval()
     with torch.no_grad():
         assert model.compute_losses(batch, train=False)["text"] < before.compute_losses(batch, train=False)["text"]

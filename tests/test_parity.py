@@ -271,7 +271,7 @@ def minigpt5_reference(model, batch, caption_loss: bool):
     # The latent diffusion loss, drawing the same random numbers in the same order.
     pixels = batch["output_images"] * 2 - 1
     latents = gen.vae.encode(pixels).latent_dist.sample() * gen.vae.config.scaling_factor
-    noise = torch.randn_like(latents)
+    noise = torch.randn(latents.shape)  # as mmgen draws it: independent of the memory layout
     t = torch.randint(0, gen.scheduler.config.num_train_timesteps, (latents.shape[0],))
     alpha_bar = gen.scheduler.alphas_cumprod[t].float()
     noisy = alpha_bar.sqrt()[:, None, None, None] * latents + (1 - alpha_bar).sqrt()[:, None, None, None] * noise

@@ -69,13 +69,18 @@ def test_predict_fromage_tiny(in_tmp):
     # the same with a saved index made by `mmgen index build` from the checkpoint
     build = ["index", "build", "--model", str(checkpoint), "--images", ".cache/mmgen-toy/val.tsv",
              "--image-dir", ".cache/mmgen-toy/images", "--device", "cpu"]
-    main([*build, "--out", "runs/toy_index", "--seed", "0"])  # the config's seed: the same random CLIP
+    main([*build, "--out", "runs/toy_index"])
     saved = ["--data.init_args.index=runs/toy_index", "--data.init_args.index_images=null"]
     again = _predict("fromage_tiny.yaml", checkpoint, "runs/predict_saved", *saved)
     assert {p["path"] for c in again["conversations"] for p in c["answer"] if p["type"] == "retrieved"} <= {
         str(p) for p in Path(".cache/mmgen-toy/images").glob("val_*.png")}
-    # an index whose model differs (another random CLIP: no seed) is refused, naming it
-    main([*build, "--out", "runs/other_index", "--seed", "1"])
+    # an index made by another model (trained from another seed: another image projection) is
+    # refused, naming it
+    other = _fit("fromage_tiny.yaml", "--trainer.max_epochs=1", "--data.init_args.n_train=16",
+                 "--data.init_args.n_val=8", "--data.init_args.batch_size=8", "--seed_everything=1",
+                 "--trainer.default_root_dir=runs/other")
+    assert other != checkpoint
+    main([*build[:3], str(other), *build[4:], "--out", "runs/other_index"])
     with pytest.raises(ConfigError, match="retrieval index runs/other_index was made by another model"):
         _predict("fromage_tiny.yaml", checkpoint, "runs/predict_other",
                  "--data.init_args.index=runs/other_index", "--data.init_args.index_images=null")
@@ -94,9 +99,10 @@ def test_predict_gill_tiny(in_tmp):
 def test_predict_minigpt5_stage1_and_stage2_tiny(in_tmp):
     stage1 = _fit("minigpt5_stage1_tiny.yaml", "--trainer.max_steps=2", "--data.init_args.batch_size=4",
                   "--data.init_args.train.init_args.n_train=8", "--data.init_args.train.init_args.n_val=0")
-    document = _predict("minigpt5_stage1_tiny.yaml", stage1, out="runs/predict_stage1")
+    no_index = ["--data.init_args.index_images=null", "--data.init_args.index_image_dir=null"]  # MiniGPT-5 does not retrieve
+    document = _predict("minigpt5_stage1_tiny.yaml", stage1, "runs/predict_stage1", *no_index)
     assert "generated" in _kinds(document) and "retrieved" not in _kinds(document)  # no retrieval head
     stage2 = _fit("minigpt5_stage2_tiny.yaml", "--trainer.max_steps=2", "--data.init_args.batch_size=4",
                   f"--model.init_args.init_from={stage1}", "--data.init_args.train.init_args.n_stories=4")
-    document = _predict("minigpt5_stage2_tiny.yaml", stage2, out="runs/predict_stage2")
+    document = _predict("minigpt5_stage2_tiny.yaml", stage2, "runs/predict_stage2", *no_index)
     assert "generated" in _kinds(document) and "retrieved" not in _kinds(document)

@@ -52,7 +52,7 @@ def trained(backbones):
 
 def test_round_trip_gives_identical_outputs(trained, tmp_path, captions):
     trained.save_pretrained(tmp_path / "fromage")
-    assert {p.name for p in (tmp_path / "fromage").iterdir()} == {"config.yaml", "model.safetensors", "README.md", "adapter"}
+    assert {p.name for p in (tmp_path / "fromage").iterdir()} == {"config.yaml", "model.safetensors", "README.md", "adapter", "tokenizer"}
     assert (tmp_path / "fromage" / "adapter" / "llm" / "adapter_config.json").is_file()
     config = yaml.safe_load((tmp_path / "fromage" / "config.yaml").read_text())
     assert config["class_path"] == "mmgen.methods.fromage.FROMAGe"

@@ -7,9 +7,10 @@ from torch import nn
 
 from mmgen.components.base import LLMBackbone, LMOutput, NewToken, PeftAdapter
 from mmgen.components.hub import (
-    KNOWN_TOKENIZER_LENGTHS, random_weights_requested, require_local_folder, resolve_config, resolve_name,
+    KNOWN_TOKENIZER_LENGTHS, random_weights_requested, require_local_folder, resolve_config, resolve_name, seeded,
 )
 from mmgen.errors import ConfigError
+from mmgen.quiet import quiet_peft_wrap
 
 
 class CausalLM(LLMBackbone):
@@ -37,6 +38,7 @@ class CausalLM(LLMBackbone):
             the new token rows train.
         dtype: dtype of the frozen weights ("float32", "bfloat16", "float16").
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        seed: Seed of random builds: the same config always gives the same random weights.
     """
 
     def __init__(
@@ -49,8 +51,10 @@ class CausalLM(LLMBackbone):
         adapter: PeftAdapter | None = None,
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.name_or_path = resolve_name(name_or_path)
         self.config_overrides = config
         self.random_weights = random_weights
@@ -80,7 +84,8 @@ class CausalLM(LLMBackbone):
         self.tokenizer = self._load_tokenizer()
         if random_weights_requested(self.random_weights) or self.name_or_path is None:
             config = resolve_config(self.name_or_path, self.config_overrides)
-            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            with seeded(self.seed):
+                model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         else:
             require_local_folder(self.name_or_path, "LLM")
             model = AutoModelForCausalLM.from_pretrained(
@@ -98,13 +103,14 @@ class CausalLM(LLMBackbone):
             model.enable_input_require_grads()
 
         targets = self._token_targets(model)
-        if self.adapter is not None:
-            model = self.adapter.wrap(model, targets)
-        elif self.new_token_ids:
-            names = list(targets)
-            model = get_peft_model(
-                model, TrainableTokensConfig(target_modules=names, token_indices=self.new_token_ids)
-            )
+        with quiet_peft_wrap():  # peft's notices about cases mmgen does not use (mmgen.quiet)
+            if self.adapter is not None:
+                model = self.adapter.wrap(model, targets)
+            elif self.new_token_ids:
+                names = list(targets)
+                model = get_peft_model(
+                    model, TrainableTokensConfig(target_modules=names, token_indices=self.new_token_ids)
+                )
         for param in model.parameters():
             if param.requires_grad:  # new rows / adapter weights train in fp32 whatever the LM's dtype
                 param.data = param.data.float()

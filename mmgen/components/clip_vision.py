@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.components.base import VisualEncoder
-from mmgen.components.hub import random_weights_requested, resolve_config, resolve_name
+from mmgen.components.hub import random_weights_requested, resolve_config, resolve_name, seeded
+from mmgen.errors import ConfigError
+from mmgen.quiet import quiet_load_report
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,6 +33,7 @@ class CLIPVisionEncoder(VisualEncoder):
         config: ``CLIPVisionConfig`` values for random weights, or overrides of ``name_or_path``'s.
         random_weights: Build ``name_or_path``'s architecture with random weights.
         dtype: dtype of the frozen weights.
+        seed: Seed of random builds: the same config always gives the same random weights.
     """
 
     n_tokens = 1
@@ -41,8 +44,10 @@ class CLIPVisionEncoder(VisualEncoder):
         config: dict | None = None,
         random_weights: bool = False,
         dtype: str = "float32",
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.name_or_path = resolve_name(name_or_path)
         self.config_overrides = config
         self.random_weights = random_weights
@@ -58,12 +63,20 @@ class CLIPVisionEncoder(VisualEncoder):
 
         if random_weights_requested(self.random_weights) or self.name_or_path is None:
             config = resolve_config(self.name_or_path, self.config_overrides, CLIPVisionConfig)
-            model = CLIPVisionModel(config).to(self.dtype)
+            with seeded(self.seed):
+                model = CLIPVisionModel(config).to(self.dtype)
         else:
             from mmgen.components.hub import require_local_folder
 
             require_local_folder(self.name_or_path, "visual encoder")
-            model = CLIPVisionModel.from_pretrained(self.name_or_path, dtype=self.dtype)
+            # A whole CLIPModel folder (as released) also holds the text tower, which transformers
+            # reports key by key as unexpected; the vision tower's own keys are checked here instead.
+            with quiet_load_report():
+                model, info = CLIPVisionModel.from_pretrained(self.name_or_path, dtype=self.dtype,
+                                                              output_loading_info=True)
+            if info.get("missing_keys"):
+                raise ConfigError(f"{self.name_or_path}: not a CLIP vision tower, missing "
+                                  f"{sorted(info['missing_keys'])[:6]}")
         self.model = model.requires_grad_(False).eval()
 
     def train(self, mode: bool = True):

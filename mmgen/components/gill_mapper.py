@@ -75,11 +75,14 @@ class GILLMapper(OutputHead):
 
             raise ConfigError("GILLMapper needs `out_dim` or an image generator to take it from")
         self.fc = nn.Linear(hidden_dim, self.d_model)
-        self.tfm = nn.Transformer(
-            d_model=self.d_model, nhead=self.nhead, num_encoder_layers=self.num_encoder_layers,
-            num_decoder_layers=self.num_decoder_layers, dim_feedforward=self.dim_feedforward,
-            dropout=self.dropout, norm_first=True, batch_first=True,
-        )
+        from mmgen.quiet import quiet_transformer_build
+
+        with quiet_transformer_build():  # pre-norm: torch notes it has no nested-tensor fast path
+            self.tfm = nn.Transformer(
+                d_model=self.d_model, nhead=self.nhead, num_encoder_layers=self.num_encoder_layers,
+                num_decoder_layers=self.num_decoder_layers, dim_feedforward=self.dim_feedforward,
+                dropout=self.dropout, norm_first=True, batch_first=True,
+            )
         self.model = nn.Linear(self.d_model, self.out_dim)
         self.query_embs = nn.Parameter(torch.randn(1, self.n_queries, self.d_model))
 

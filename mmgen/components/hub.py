@@ -40,6 +40,19 @@ def random_weights_requested(random_weights: bool) -> bool:
     return random_weights or _RANDOM_WEIGHTS_ONLY.get()
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Random builds inside this block draw from ``seed`` alone, and the caller's random state is
+    left as it was: a component's random weights are a function of its config (its ``seed``),
+    not of whatever ran before it (a checkpoint reloaded in Python without ``seed_everything``
+    gets the frozen random backbone it was trained with)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
 # Architecture fields of the hub configs that mmgen's shipped configs name (values as published).
 _OPT_6_7B = dict(model_type="opt", vocab_size=50272, hidden_size=4096, word_embed_proj_dim=4096,
                  num_hidden_layers=32, ffn_dim=16384, num_attention_heads=32,

@@ -23,7 +23,7 @@ from torch import nn
 
 from mmgen.components.base import VisualEncoder
 from mmgen.components.clip_vision import CLIP_MEAN, CLIP_STD, normalized_pixels
-from mmgen.components.hub import KNOWN_CONFIGS, random_weights_requested, register_known_config, resolve_name
+from mmgen.components.hub import KNOWN_CONFIGS, random_weights_requested, register_known_config, resolve_name, seeded
 from mmgen.components.lavis import LavisLoad
 from mmgen.errors import ConfigError
 
@@ -83,6 +83,8 @@ class QFormerEncoder(VisualEncoder):
         random_weights: Build the architecture with random weights (no file is read but
             ``projection``).
         dtype: dtype of the frozen weights. The LAVIS ViT file is fp16: float32 holds it exactly.
+        seed: Seed of random builds (and of ``llama_proj`` without ``projection``): the same config
+            always gives the same random weights.
     """
 
     def __init__(
@@ -95,8 +97,10 @@ class QFormerEncoder(VisualEncoder):
         config: dict | None = None,
         random_weights: bool = False,
         dtype: str = "float32",
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.name_or_path = resolve_name(name_or_path)
         self.projection_path = projection
         self.lavis_vit = lavis_vit
@@ -128,12 +132,13 @@ class QFormerEncoder(VisualEncoder):
         vision_config = Blip2VisionConfig(**vision_values)
         qformer_values["encoder_hidden_size"] = vision_config.hidden_size  # cross-attention reads the ViT
         qformer_config = Blip2QFormerConfig(**qformer_values)
-        self.vision_model = Blip2VisionModel(vision_config)
-        self.vision_model.post_layernorm.eps = self.ln_vision_eps  # LAVIS's ln_vision (see lavis.py)
-        self.qformer = Blip2QFormerModel(qformer_config)
-        self.query_tokens = nn.Parameter(torch.zeros(1, n_queries, qformer_config.hidden_size))
-        nn.init.normal_(self.query_tokens, std=qformer_config.initializer_range)
-        self.llama_proj = nn.Linear(qformer_config.hidden_size, embed_dim)
+        with seeded(self.seed):  # what no file fills stays the same for the same config
+            self.vision_model = Blip2VisionModel(vision_config)
+            self.vision_model.post_layernorm.eps = self.ln_vision_eps  # LAVIS's ln_vision (see lavis.py)
+            self.qformer = Blip2QFormerModel(qformer_config)
+            self.query_tokens = nn.Parameter(torch.zeros(1, n_queries, qformer_config.hidden_size))
+            nn.init.normal_(self.query_tokens, std=qformer_config.initializer_range)
+            self.llama_proj = nn.Linear(qformer_config.hidden_size, embed_dim)
         self._load_weights()
         self.to(self.dtype)
         self.requires_grad_(False)

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from mmgen.components.base import ImageGenerator
 from mmgen.components.hub import random_weights_requested, resolve_name
 from mmgen.errors import ConfigError
+from mmgen.quiet import quiet_diffusers_casts
+
+quiet_diffusers_casts()  # "should be kept in float32: []" on each cast of a part: nothing to keep
 
 PARTS = ("text_encoder", "unet", "vae")
 
@@ -73,6 +76,21 @@ KNOWN_SD_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": _SD15,
     "stabilityai/stable-diffusion-2-1-base": _SD21_BASE,
 }
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float = 5.0,
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """Per-sample Min-SNR-gamma loss weights (b,): min(SNR, gamma) / SNR for epsilon prediction,
+    / (SNR + 1) for v-prediction, as diffusers' training scripts; SNR from
+    ``diffusers.training_utils.compute_snr`` ((sqrt(a) / sqrt(1 - a))^2, MiniGPT-5's formula too)."""
+    from types import SimpleNamespace
+
+    from diffusers.training_utils import compute_snr
+
+    # compute_snr reads only the scheduler's alphas_cumprod
+    snr = compute_snr(SimpleNamespace(alphas_cumprod=alphas_cumprod), timesteps)  # (b,)
+    denominator = snr + 1 if prediction_type == "v_prediction" else snr
+    return torch.clamp(snr, max=gamma) / denominator
 
 
 def tiny_sd_config(text_embed_dim: int = 32, vocab_size: int = 64, image_size: int = 32,
@@ -269,6 +287,10 @@ class StableDiffusion(ImageGenerator):
         return int(self._configs["text_encoder"]["hidden_size"])
 
     @property
+    def vae_scaling_factor(self) -> float:
+        return float(self._configs["vae"].get("scaling_factor", 0.18215))
+
+    @property
     def image_size(self) -> int:
         return int(self.resolution or self._configs["vae"].get("sample_size", 512))
 
@@ -306,7 +328,24 @@ class StableDiffusion(ImageGenerator):
         out = self.text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask)
         return out.last_hidden_state  # (b, 77, text_embed_dim)
 
-    def ldm_loss(self, images: torch.Tensor, cond: torch.Tensor, snr_gamma: float | None = 5.0) -> torch.Tensor:
+    def _vae_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(b, 3, h, w) in [0, 1] -> (b, 3, S, S) in [-1, 1] at the VAE's resolution, in its dtype."""
+        size = self.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        return (images * 2 - 1).to(self.dtype)  # [0, 1] -> [-1, 1]
+
+    @torch.no_grad()
+    def latent_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution of ``images`` ((b, 3, h, w) in [0, 1]): mean and std, each
+        (b, c, h/8, w/8), unscaled; what a latent cache stores (``mmgen cache-features``)."""
+        if self.vae is None:
+            self.configure(parts=("vae",))
+        dist = self.vae.encode(self._vae_pixels(images)).latent_dist
+        return dist.mean, dist.std
+
+    def ldm_loss(self, images: torch.Tensor | None, cond: torch.Tensor, snr_gamma: float | None = 5.0,
+                 latent_dist: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The latent diffusion loss of ``images`` ((b, 3, h, w) in [0, 1]) conditioned on ``cond``
         ((b, 77, text_embed_dim)); gradients flow into ``cond`` through the frozen UNet.
 
@@ -314,18 +353,25 @@ class StableDiffusion(ImageGenerator):
         timesteps; epsilon target (or v where the scheduler predicts v); per-sample Min-SNR weight
         min(SNR, gamma) / SNR (/ (SNR + 1) for v-prediction, as diffusers' training scripts);
         ``snr_gamma=None``: plain MSE. Returns the batch mean.
+
+        ``latent_dist``: the images' (mean, std) from a latent cache instead of ``images``: the
+        latent is drawn from it as the VAE's own distribution draws it (mean + std x noise, the
+        same generator call), so the VAE never runs.
         """
-        if self.unet is None or self.vae is None:
+        if self.unet is None or (self.vae is None and latent_dist is None):
             raise ConfigError("StableDiffusion.ldm_loss needs configure(parts=('unet', 'vae'))")
-        size = self.image_size
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        pixels = (images * 2 - 1).to(self.dtype)  # [0, 1] -> [-1, 1]
         with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample()  # (b, 4, h/8, w/8)
-            latents = latents * self.vae.config.scaling_factor
+            if latent_dist is None:
+                latents = self.vae.encode(self._vae_pixels(images)).latent_dist.sample()  # (b, 4, h/8, w/8)
+            else:
+                mean, std = (t.to(device=self._device(self.unet), dtype=self.dtype) for t in latent_dist)
+                latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+            latents = latents * self.vae_scaling_factor
         b = latents.shape[0]
-        noise = torch.randn_like(latents)
+        # randn of the shape, not randn_like: the VAE's output may be channels-last (CPU convs),
+        # and randn_like follows the memory layout, so the same seed would give other noise to
+        # latents from the VAE than to the same latents from a cache (or another backend).
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
         n_steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, n_steps, (b,), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
@@ -337,10 +383,7 @@ class StableDiffusion(ImageGenerator):
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)
         if snr_gamma is None:
             return per_sample.mean()
-        alphas = self.scheduler.alphas_cumprod.to(latents.device)[t].float()
-        snr = alphas / (1 - alphas)  # (b,)
-        denominator = snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr
-        weight = torch.clamp(snr, max=snr_gamma) / denominator
+        weight = min_snr_weights(self.scheduler.alphas_cumprod, t, snr_gamma, self.scheduler.config.prediction_type)
         return (per_sample * weight).mean()
 
     def _place(self, parts: Iterable[str], device: torch.device) -> None:

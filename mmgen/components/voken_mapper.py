@@ -74,16 +74,19 @@ class VokenMapper(OutputHead):
             return
         self.in_dim = in_dim
         self.fc = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-        self.transformer = nn.Transformer(
-            d_model=out_dim,
-            nhead=self.num_heads,
-            num_encoder_layers=self.num_encoder_layers,
-            num_decoder_layers=self.num_decoder_layers,
-            dim_feedforward=out_dim * self.ff_mult,
-            dropout=0.0,
-            norm_first=True,
-            batch_first=True,
-        )
+        from mmgen.quiet import quiet_transformer_build
+
+        with quiet_transformer_build():  # pre-norm: torch notes it has no nested-tensor fast path
+            self.transformer = nn.Transformer(
+                d_model=out_dim,
+                nhead=self.num_heads,
+                num_encoder_layers=self.num_encoder_layers,
+                num_decoder_layers=self.num_decoder_layers,
+                dim_feedforward=out_dim * self.ff_mult,
+                dropout=0.0,
+                norm_first=True,
+                batch_first=True,
+            )
         self.queries = LearnedQueries(self.n_queries, out_dim)
 
     def groups(self) -> dict[str, nn.Module]:

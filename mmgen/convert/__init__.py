@@ -188,7 +188,10 @@ class Conversion:
         from mmgen.pretrained import weight_names
 
         params = dict(self.model.named_parameters())
-        self.targets = {n: params[n] for n in weight_names(self.model)}
+        # a release fills the method's own tensors; a nested method's (the decision stage's GILL)
+        # come from its own conversion
+        names = self.model.trainable_state_keys() if hasattr(self.model, "trainable_state_keys") else weight_names(self.model)
+        self.targets = {n: params[n] for n in sorted(names)}
 
     def _check(self, key: str, tensor: torch.Tensor, target: str, shape: tuple) -> None:
         if target not in self.targets:

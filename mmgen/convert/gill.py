@@ -18,8 +18,8 @@ are not beside it. A leading ``module.`` (DataParallel) on a key is ignored.
     decision_model.pth.tar 1.{weight,bias}   -> decision_head.head.1.{weight,bias}    (2, d), (2,)
 
 The GILL model is written to ``out``; with a decision model, a GILLDecisionStage folder is
-written to ``out/decision`` (its ``gill_checkpoint``, ``out/decision/gill.ckpt``, holds the GILL
-tensors in mmgen's checkpoint layout).
+written to ``out/decision``, holding the GILL's trained tensors beside the decision module's (a
+folder of its own, no ``gill_checkpoint``).
 """
 
 from __future__ import annotations
@@ -150,16 +150,14 @@ def _decision_stage(gill_config: dict, gill, state: dict, path: Path):
 
 def save_decision(conversion: Conversion, out: str | Path) -> Path | None:
     """Write the decision stage (if the release had one) to ``out/decision``."""
-    from mmgen.pretrained import save_pretrained, trained_state
+    from mmgen.pretrained import save_pretrained
 
     if getattr(conversion, "decision", None) is None:
         return None
     stage, config, decision_conversion = conversion.decision
     folder = Path(out) / "decision"
     folder.mkdir(parents=True, exist_ok=True)
-    gill_ckpt = folder / "gill.ckpt"
-    torch.save({"state_dict": trained_state(conversion.model)}, gill_ckpt)
-    config = {**config, "init_args": {**config["init_args"], "gill_checkpoint": str(gill_ckpt.resolve())}}
+    # the folder holds the converted GILL's tensors too (mmgen.pretrained.weight_names): no gill_checkpoint
     trained = [p for p in stage.gill.parameters() if p.requires_grad]
     stage.gill.requires_grad_(False)  # as the stage trains: the decision head only
     try:

@@ -21,7 +21,8 @@ one float16 array per image; ``mmgen cache-captions`` does the same into shards:
       "generator": "runwayml/stable-diffusion-v1-5",   hub id / folder, or "random:...:<hash>"
       "text_embed_dim": 768, "max_length": 77, "use_attention_mask": false,
       "dtype": "float16",
-      "shards": [{"file": "embeddings-00000.npy", "rows": 10000}, ...]
+      "shards": [{"file": "embeddings-00000.npy", "rows": 10000}, ...],
+      "fingerprint": {...}                   what made it (mmgen.data.feature_cache.caption_fingerprint)
     }
 
 Shards are plain ``.npy`` files, read memory-mapped (``numpy.load(mmap_mode="r")``), so a
@@ -30,7 +31,10 @@ is data row ``i`` of the TSV. A cache whose row count, captions hash or width do
 data it is used with raises ``DataError`` naming its manifest.
 
 ``CachedCaptionDataModule`` wraps a ``CaptionDataModule`` and adds ``caption_embeddings``
-(b, 77, d) and ``caption_cache`` (the manifest path) to its batches.
+(b, 77, d) and ``caption_cache`` (the manifest path) to its batches, and the cache's fingerprint
+(``feature_caches``, as the shard feature caches of ``mmgen.data.feature_cache`` do): GILL checks
+it against its own image generator and refuses embeddings of another text encoder. The same
+embeddings for webdataset shards: ``mmgen cache-features --kind captions``.
 """
 
 from __future__ import annotations
@@ -81,9 +85,11 @@ def write_caption_cache(
     batch_size: int = 64,
     shard_size: int = 10_000,
     progress: Callable[[int, int], None] | None = None,
+    fingerprint: dict | None = None,
 ) -> Path:
     """Encode ``captions`` in batches with ``encode`` (list of str -> (b, max_length, d)) and
-    write the shards and, last, the manifest. Returns the manifest path."""
+    write the shards and, last, the manifest. Returns the manifest path. ``fingerprint``: what
+    made the embeddings (``mmgen.data.feature_cache.caption_fingerprint``), checked by GILL."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; give a folder for the caption cache")
@@ -119,6 +125,8 @@ def write_caption_cache(
         "dtype": "float16",
         "shards": shards,
     }
+    if fingerprint is not None:
+        manifest["fingerprint"] = fingerprint
     path = out / MANIFEST
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return path
@@ -272,13 +280,17 @@ class CachedCaptionDataset(Dataset):
         return item
 
 
-def collate_cached_captions(batch: list[dict], cache_name: str | None = None) -> dict:
-    """``collate_captions`` plus ``caption_embeddings`` (b, 77, d) float16 and ``caption_cache``
-    (the manifest path, for error messages)."""
+def collate_cached_captions(batch: list[dict], cache_name: str | None = None,
+                            fingerprint: dict | None = None) -> dict:
+    """``collate_captions`` plus ``caption_embeddings`` (b, 77, d) float16, ``caption_cache``
+    (the manifest path, for error messages) and, for caches that record one, the fingerprint of
+    what made them (``feature_caches``, checked by the model)."""
     out = collate_captions(batch)
     out["caption_embeddings"] = torch.stack([item["caption_embedding"] for item in batch])
     if cache_name is not None:
         out["caption_cache"] = cache_name
+    if fingerprint is not None:
+        out["feature_caches"] = {"captions": {"manifest": cache_name, "fingerprint": fingerprint}}
     return out
 
 
@@ -329,7 +341,8 @@ class CachedCaptionDataModule(pl.LightningDataModule):
         if split not in self._caches:
             return self.data.train_dataloader() if train else self.data.val_dataloader()
         cache = self._caches[split]
-        collate = functools.partial(collate_cached_captions, cache_name=str(cache.manifest_path))
+        collate = functools.partial(collate_cached_captions, cache_name=str(cache.manifest_path),
+                                    fingerprint=cache.manifest.get("fingerprint"))
         if train:  # the wrapped module's seed: the same order as without the cache; resumable
             return shuffled_loader(CachedCaptionDataset(dataset, cache), self.data.batch_size, self.data.seed,
                                    num_workers=self.data.num_workers, collate_fn=collate)
@@ -342,7 +355,7 @@ class CachedCaptionDataModule(pl.LightningDataModule):
             drop_last=train,
             num_workers=self.data.num_workers,
             persistent_workers=self.data.num_workers > 0,
-            collate_fn=functools.partial(collate_cached_captions, cache_name=str(cache.manifest_path)),
+            collate_fn=collate,
         )
 
     def train_dataloader(self):

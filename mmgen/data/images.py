@@ -1,6 +1,8 @@
 """Image files to tensors the visual encoders and image generators accept.
 
-Decoding is PIL's: torchvision's compiled decoders may be unavailable (see `mmgen._torchvision_fix`).
+Everything here is PIL and torch: decoding, resizing and cropping need no torchvision (whose CUDA
+wheels do not load next to a CPU torch), and the helpers below give the same pixels as torchvision's
+``resize``/``center_crop``/``pil_to_tensor`` on PIL images, which call these same PIL operations.
 Normalisation (CLIP or EVA mean/std, the VAE's [-1, 1]) is left to the component that reads the
 pixels, so that data stays model-agnostic: every tensor made here is float RGB in [0, 1].
 
@@ -18,10 +20,9 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from mmgen.errors import DataError
 from mmgen.files import require_regular_file
@@ -30,7 +31,39 @@ Fit = Literal["crop", "pad"]
 Interpolation = Literal["bicubic", "bilinear"]
 WHITE = (255, 255, 255)
 
-_INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+_INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def resize_shorter(image: Image.Image, size: int, interpolation: Interpolation = "bicubic") -> Image.Image:
+    """Shorter side to ``size``, aspect kept (the longer side rounded down); PIL's resize, which
+    widens its filter when it shrinks (antialiased)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_short, new_long = size, int(size * long / short)
+    new = (new_short, new_long) if width <= height else (new_long, new_short)  # (w, h)
+    if new == (width, height):
+        return image
+    return image.resize(new, resample=_INTERPOLATIONS[interpolation])
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centre ``size`` x ``size`` square of an image at least that large (odd margins
+    rounded half to even, as torchvision does)."""
+    width, height = image.size
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float (3, h, w) in [0, 1]."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # uint8 (3, h, w)
+    return pixels.to(torch.float32).mul_(1.0 / 255)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """Float (3, h, w) in [0, 1] -> RGB PIL image (values truncated to uint8, as torchvision does)."""
+    array = image.detach().cpu().permute(1, 2, 0).numpy()  # (h, w, 3)
+    return Image.fromarray((array * 255).astype(np.uint8))  # (h, w, 3) uint8: RGB
 
 
 def pad_to_square(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -91,10 +124,8 @@ def load_image(
             raise DataError(f"{path}: image too large to decode safely (a decompression bomb?): {error}") from None
     if fit == "pad":
         rgb = pad_to_square(rgb, background)
-    # On a PIL image this is PIL's resize, which is always antialiased.
-    rgb = F.resize(rgb, [image_size], interpolation=_INTERPOLATIONS[interpolation], antialias=True)
-    rgb = F.center_crop(rgb, [image_size, image_size])  # a no-op after padding
+    rgb = resize_shorter(rgb, image_size, interpolation)
+    rgb = center_crop(rgb, image_size)  # a no-op after padding
     if flip:
-        rgb = F.horizontal_flip(rgb)
-    pixels = F.pil_to_tensor(rgb)  # uint8 (3, S, S)
-    return F.to_dtype(pixels, torch.float32, scale=True)  # float (3, S, S) in [0, 1]
+        rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(rgb)  # float (3, S, S) in [0, 1]

@@ -38,7 +38,7 @@ from mmgen.data.minigpt5_samples import (
     require_text,
 )
 from mmgen.errors import ConfigError, DataError
-from mmgen.files import inside_root, read_text
+from mmgen.files import inside_root, read_text, replace_atomically
 
 TASKS = ("generate", "next", "understand")
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".gif")
@@ -273,6 +273,13 @@ class VISTDataset(SampleDataset):
         return {key: inside_root(Path(mapping[key]), self.image_dir, f"{mapping_path}, image {key}", "image path",
                                  self.allow_outside_paths) for key in keys}
 
+    def stories(self) -> list[tuple[str, list[tuple[str, Path]]]]:
+        """The stories as ``(story id, [(caption, image path)])`` in file order (evaluation
+        reads them this way; images are not checked here)."""
+        stories, cleaned = read_vist_stories(self.json_path)
+        paths = self._image_paths(stories, cleaned)
+        return [(story_id, [(caption, paths[key]) for caption, key in steps]) for story_id, steps in stories]
+
     def build(self) -> list[Sample]:
         stories, cleaned = read_vist_stories(self.json_path)
         paths = self._image_paths(stories, cleaned)
@@ -303,15 +310,15 @@ def write_toy_vist(root: Path, n_stories: int, n_steps: int = 3, image_size: int
             color, shape = rng.choice(TOY_COLORS), rng.choice(TOY_SHAPES)
             bg = rng.choice([c for c in TOY_COLORS if c != color])
             image_id = f"{s:04d}{k}"
-            draw_toy_image(color, shape, bg, image_size, rng).save(root / "images" / f"{image_id}.png")
+            image = draw_toy_image(color, shape, bg, image_size, rng)
+            replace_atomically(root / "images" / f"{image_id}.png", lambda p, im=image: im.save(p, format="PNG"))
             mapping[image_id] = f"images/{image_id}.png"
             steps.append({"caption": CAPTION_TEMPLATE.format(color=color, shape=shape, bg_color=bg),
                           "image_id": image_id, "sequence_index": k})
         stories[str(s)] = steps
-    (root / f"{name}_image_mapping.json").write_text(json.dumps(mapping, indent=1))
-    path = root / f"{name}_cleaned.json"
-    path.write_text(json.dumps(stories, indent=1))
-    return path
+    # atomic writes: under DDP every process generates (the same) files while others read them
+    replace_atomically(root / f"{name}_image_mapping.json", lambda p: p.write_text(json.dumps(mapping, indent=1)))
+    return replace_atomically(root / f"{name}_cleaned.json", lambda p: p.write_text(json.dumps(stories, indent=1)))
 
 
 class ToyVISTDataset(VISTDataset):

@@ -32,7 +32,8 @@ def load_model(source: str | Path, device: str | torch.device | None = None):
 
     - a pretrained folder (``model.save_pretrained``, ``mmgen export``, or an official release
       converted by ``mmgen convert``): it holds ``config.yaml`` and ``model.safetensors``;
-    - a Lightning checkpoint written by ``mmgen fit`` (the model config is stored inside).
+    - a Lightning checkpoint written by ``mmgen fit`` (the model config is stored inside);
+    - the hub id (``org/name``) of a pretrained folder pushed to the hub.
 
     Frozen backbones load from their sources (hub ids or folders) named in the config.
     """
@@ -47,7 +48,11 @@ def load_model(source: str | Path, device: str | torch.device | None = None):
     elif path.is_file():
         model = load_checkpoint(path)
     else:
-        raise ConfigError(f"{path}: no such model folder or checkpoint")
+        from mmgen.components.hub import looks_local
+
+        if looks_local(str(source)):
+            raise ConfigError(f"{path}: no such model folder or checkpoint")
+        model = load_pretrained(str(source))  # a hub id (org/name): mmgen.pretrained.resolve_folder
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 
@@ -69,7 +74,9 @@ def load_checkpoint(path: str | Path):
     hparams.pop("_instantiator", None)
     model = build_model({"class_path": class_path, "init_args": hparams})
     model.configure_model()
-    load_weights_into(model, checkpoint["state_dict"], str(path), allow_missing=bool(hparams.get("init_from")))
+    # tensors a stage did not checkpoint come from its init_from / gill_checkpoint (loaded by configure_model)
+    load_weights_into(model, checkpoint["state_dict"], str(path),
+                      allow_missing=bool(hparams.get("init_from") or hparams.get("gill_checkpoint")))
     return model.eval()
 
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
+from mmgen.inference.session import ChatSession, add_answer_arguments, add_model_arguments, answer_options, load_for_chat
 from mmgen.inference.types import Answer, GeneratedImage, ImageRef, RetrievedImage, TextPart
 
 COMMANDS = ("/image", "/mode", "/reset", "/save", "/quit")
@@ -31,21 +32,9 @@ COMMANDS = ("/image", "/mode", "/reset", "/save", "/quit")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmgen chat", description="Talk with a trained model in the terminal; "
                                 "images are given by path with '/image PATH'.")
-    p.add_argument("--model", required=True, help="checkpoint of mmgen fit, pretrained folder or converted release")
-    p.add_argument("--index", help="retrieval index folder (mmgen index build) for FROMAGe and GILL")
+    add_model_arguments(p)
     p.add_argument("--out", help="folder for generated images and the HTML page of the conversation")
-    p.add_argument("--mode", default="auto", choices=["auto", "retrieve", "generate", "both"],
-                   help="which images GILL answers with (auto: its decision module)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the method's")
-    p.add_argument("--sample", action="store_true", default=None, help="sample instead of greedy decoding")
-    p.add_argument("--greedy", dest="sample", action="store_false", help="greedy decoding (MiniGPT-5 samples by default)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--steps", type=int, default=25, help="denoising steps of generated images")
-    p.add_argument("--scheduler", default="dpm", help="dpm | pndm | ddim | euler | a diffusers class name")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_answer_arguments(p)
     return p
 
 
@@ -60,10 +49,18 @@ class Chat:
         self.mode = mode
         self.options = dict(options or {})
         self.write = write
-        self.history: list = []  # the conversation: user parts and answer parts as model inputs
-        self.turns: list[tuple[list, Answer]] = []  # (the prompt of the turn, its answer) for the page
+        self.session = ChatSession()  # the turns: (what the user said, the answer)
         self.pending_images: list[ImageRef] = []
         self.n_generated = 0
+
+    @property
+    def history(self) -> list:
+        """The conversation as model input (user parts and answer parts)."""
+        return self.session.history
+
+    @property
+    def turns(self) -> list[tuple[list, Answer]]:
+        return self.session.turns
 
     def handle(self, line: str) -> bool:
         """One input line; False when the chat should end."""
@@ -87,7 +84,8 @@ class Chat:
                 else:
                     self.mode = argument
             elif command == "/reset":
-                self.history, self.turns, self.pending_images = [], [], []
+                self.session.reset()
+                self.pending_images = []
                 self.write("[new conversation]")
             elif command == "/save":
                 self.save()
@@ -100,24 +98,9 @@ class Chat:
     def say(self, text: str) -> Answer:
         user = [*self.pending_images, text]
         self.pending_images = []
-        prompt = self.history + user
-        (answer,) = self.model.answer([prompt], index=self.index, mode=self.mode, **self.options)
-        self.history = prompt + self._as_input(answer)
-        self.turns.append((user, answer))
+        answer = self.session.ask(self.model, user, index=self.index, mode=self.mode, options=self.options)
         self.show(answer)
         return answer
-
-    def _as_input(self, answer: Answer) -> list:
-        """An answer as conversation parts for the next turn (its images by path or as pictures)."""
-        parts = []
-        for part in answer.parts:
-            if isinstance(part, TextPart):
-                parts.append(part.text)
-            elif isinstance(part, RetrievedImage):
-                parts.append(ImageRef(part.path))
-            elif isinstance(part, GeneratedImage):
-                parts.append(part.image)
-        return parts
 
     def show(self, answer: Answer) -> None:
         lines = []
@@ -167,17 +150,7 @@ class Chat:
 
 def main(args: list[str], lines: TextIO | None = None) -> Chat:
     options = parser().parse_args(args)
-    from mmgen.inference.api import load_index, load_model
-
-    model = load_model(options.model, device=options.device)
-    index = load_index(options.index, model) if options.index else None
-    if index is not None and index.backend == "exact":
-        index.to(model.device)
-    decoding = {"max_new_tokens": options.max_new_tokens, "do_sample": options.sample, "top_p": options.top_p,
-                "temperature": options.temperature}
-    answer_options = {k: v for k, v in decoding.items() if v is not None}
-    answer_options.update(guidance_scale=options.guidance_scale, num_inference_steps=options.steps,
-                          scheduler=options.scheduler, seed=options.seed)
-    chat = Chat(model, index, options.out, options.mode, answer_options)
+    model, index = load_for_chat(options.model, options.index, options.device)
+    chat = Chat(model, index, options.out, options.mode, answer_options(options))
     chat.run(lines or sys.stdin)
     return chat

@@ -218,11 +218,10 @@ class AnswersConversations:
 
     def generated_images(self, images: torch.Tensor, seeds: list[int], decision: str) -> list:
         """(n, 3, h, w) in [0, 1] -> GeneratedImage objects (PIL)."""
-        from torchvision.transforms.v2 import functional as F
-
+        from mmgen.data.images import to_pil
         from mmgen.inference.types import GeneratedImage
 
-        return [GeneratedImage(F.to_pil_image(image.cpu()), seed, decision) for image, seed in zip(images, seeds)]
+        return [GeneratedImage(to_pil(image), seed, decision) for image, seed in zip(images, seeds)]
 
     # -- Lightning -------------------------------------------------------------------------------
     def predict_step(self, batch, batch_idx=0):

@@ -7,6 +7,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
+from mmgen import sharding  # registers the "fsdp_backbones" strategy with Lightning
 from mmgen.errors import ConfigError
 from mmgen.methods.losses import gather_keeping_local_grad, infonce_terms, scale_gradient
 from mmgen.methods.optim import Optim, build_optimizer
@@ -50,10 +51,21 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         """True with ``probability``, from the method's own generator."""
         return probability > 0 and float(torch.rand((), generator=self.training_rng)) < probability
 
+    # -- precomputed inputs (mmgen.data.feature_cache) ---------------------------------------------
+    def cached_image_features(self, batch: dict) -> torch.Tensor | None:
+        """The batch's ``image_features`` (b, 1, f) from a feature cache, after checking that this
+        model's visual encoder made them (class, config, weights); None without a cache."""
+        if "image_features" not in batch:
+            return None
+        from mmgen.data.feature_cache import check_made_by, encoder_fingerprint
+
+        check_made_by(batch, "clip", lambda: encoder_fingerprint(self.visual_encoder), "visual encoder")
+        return batch["image_features"]
+
     def _save_rng_states(self, checkpoint: dict) -> None:
         state = self.training_rng.get_state()  # uint8 (n,)
         gathered = self.all_gather(state) if self._trainer is not None and self.trainer.world_size > 1 else state[None]
-        checkpoint["mmgen_rng_states"] = [s.cpu() for s in gathered.reshape(-1, state.numel())]
+        checkpoint["mmgen_rng_states"] = [s.cpu().clone() for s in gathered.reshape(-1, state.numel())]
 
     def _load_rng_states(self, checkpoint: dict) -> None:
         states = checkpoint.get("mmgen_rng_states")
@@ -64,7 +76,9 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
             warnings.warn(f"the checkpoint's random draws are for {len(states)} processes, this run has "
                           f"{world}: packing and CFG decisions restart from the seed")
             return
-        self.training_rng.set_state(states[self.global_rank if self._trainer is not None else 0].to(torch.uint8))
+        # a copy: a stored row can be a view into the gathered (world, n) storage, and set_state
+        # reads the storage from its start (a segfault or another rank's state otherwise)
+        self.training_rng.set_state(states[self.global_rank if self._trainer is not None else 0].to(torch.uint8).clone())
 
     #: Scale the new token rows to the frozen rows' mean norm after each optimizer step
     #: (FROMAGe and GILL do; subclasses set it from their init arguments).
@@ -76,6 +90,24 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         # the module's own hook runs, and a resumed run must see the rescaled rows.
         if self.rescale_new_rows:
             self.llm.rescale_new_rows()
+
+    @property
+    def backbones_sharded(self) -> bool:
+        """True under the ``fsdp_backbones`` strategy (mmgen.sharding): every process must then
+        run the same sharded blocks in the same order in every step, so methods do not skip a
+        backbone call on one process that another makes."""
+        return isinstance(getattr(self._trainer, "strategy", None), sharding.ShardedBackbonesDDP)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Under the fsdp_backbones strategy some gradients are sharded DTensors (LoRA inside a
+        # sharded block) and the rest plain tensors, a mix Lightning's clipping refuses.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_val and any(p.grad is not None and sharding.is_sharded(p.grad) for p in params):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ConfigError("with sharded backbones only gradient_clip_algorithm='norm' is supported")
+            sharding.clip_grad_norm(params, float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- what trains: declared once (mmgen.methods.trainability) ---------------------------------
     def parameter_groups(self) -> dict[str, ParamGroup]:
@@ -146,7 +178,7 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         for key, state in list(states.items()):
             if world > 1:
                 gathered = self.all_gather(state.to(self.device))  # (world, n)
-                states[key] = [s.cpu() for s in gathered.reshape(world, -1)]
+                states[key] = [s.cpu().clone() for s in gathered.reshape(world, -1)]
             else:
                 states[key] = [state.cpu()]
         checkpoint["mmgen_torch_rng_states"] = states
@@ -158,9 +190,9 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         rank, world = self.global_rank, self.trainer.world_size
         if len(states.get("cpu", [])) != world:
             return  # _load_rng_states has warned about a changed world size
-        torch.set_rng_state(states["cpu"][rank].to(torch.uint8))
+        torch.set_rng_state(states["cpu"][rank].to(torch.uint8).clone())
         if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state(states["cuda"][rank].to(torch.uint8))
+            torch.cuda.set_rng_state(states["cuda"][rank].to(torch.uint8).clone())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected, found = self.trainable_state_keys(), set(checkpoint["state_dict"])
@@ -216,8 +248,12 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
                 # registered mmgen classes only (Lightning imports what it names)
                 check_stored_config(load_checkpoint(checkpoint_path), checkpoint_path, cls)
         kwargs["weights_only"] = True
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
-                                            hparams_file=hparams_file, strict=strict, **kwargs)
+        with warnings.catch_warnings():
+            # Lightning lists every frozen weight as missing: checkpoints omit them on purpose, and
+            # on_load_checkpoint has checked that every trained tensor is there.
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+            return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
+                                                hparams_file=hparams_file, strict=strict, **kwargs)
 
     def save_pretrained(self, directory) -> None:
         """Write this model as a pretrained folder (config, trained tensors, card): mmgen.pretrained."""
@@ -225,13 +261,20 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
 
         save_pretrained(self, directory)
 
+    def push_to_hub(self, repo_id: str, **options) -> str:
+        """Upload this model as a pretrained folder to a hub repository: mmgen.pretrained.push_to_hub."""
+        from mmgen.pretrained import push_to_hub
+
+        return push_to_hub(self, repo_id, **options)
+
     @classmethod
-    def from_pretrained(cls, directory, allow_modules: tuple[str, ...] = ()) -> "MultimodalLM":
-        """Build the model of a pretrained folder (offline, backbones from their sources). Its
-        config may name registered mmgen components only, or classes in ``allow_modules``."""
+    def from_pretrained(cls, directory, allow_modules: tuple[str, ...] = (), revision: str | None = None) -> "MultimodalLM":
+        """Build the model of a pretrained folder, local or a hub id (backbones from their
+        sources). Its config may name registered mmgen components only, or classes in
+        ``allow_modules``; a folder of another method is refused before anything is built."""
         from mmgen.pretrained import load_pretrained
 
-        model = load_pretrained(directory, allow_modules=allow_modules)
+        model = load_pretrained(directory, allow_modules=allow_modules, expected=cls, revision=revision)
         if not isinstance(model, cls):
             raise ConfigError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
         return model

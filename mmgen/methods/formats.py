@@ -245,9 +245,7 @@ def pixels_of(images: Sequence, size: int) -> torch.Tensor:
     """Conversation images (PIL or ``ImageRef``) as float RGB in [0, 1], (n, 3, size, size):
     shorter side to ``size`` (bicubic, antialiased), centre crop, as the visual encoders were
     trained (``mmgen.data.images.load_image``)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-
+    from mmgen.data.images import center_crop, resize_shorter, to_tensor
     from mmgen.inference.types import ImageRef, image_of
 
     tensors = []
@@ -257,7 +255,6 @@ def pixels_of(images: Sequence, size: int) -> torch.Tensor:
         except (OSError, ValueError) as error:
             where = part.path if isinstance(part, ImageRef) else type(part).__name__
             raise DataError(f"cannot read the conversation image {where}: {error}") from error
-        rgb = F.resize(rgb, [size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        rgb = F.center_crop(rgb, [size, size])
-        tensors.append(F.to_dtype(F.pil_to_tensor(rgb), torch.float32, scale=True))  # (3, S, S)
+        rgb = center_crop(resize_shorter(rgb, size, "bicubic"), size)
+        tensors.append(to_tensor(rgb))  # (3, S, S)
     return torch.stack(tensors) if tensors else torch.zeros(0, 3, size, size)

@@ -103,27 +103,30 @@ class FROMAGe(FROMAGeAnswers, RetrievalMetrics, MultimodalLM):
         """BOS + caption tokens, cut so that with [RET] appended there are max_text_length."""
         return self.sequence_format().caption_ids(caption)
 
-    def compute_losses(self, images: torch.Tensor, captions: list[str], pack: bool = False):
+    def compute_losses(self, images: torch.Tensor | None, captions: list[str], pack: bool = False,
+                       features: torch.Tensor | None = None):
         """Every loss term of a step and its retrieval embeddings: (losses, text embeddings
         (b, e), image embeddings (b, e)). ``losses``: caption, retmode, t2i, i2t, contrastive
-        (= (t2i + i2t) / 2) and loss (their weighted sum)."""
-        tokenizer, b = self.llm.tokenizer, images.shape[0]
+        (= (t2i + i2t) / 2) and loss (their weighted sum). ``features``: the encoder's pooled
+        features (b, 1, f) from a feature cache, in place of ``images``."""
+        tokenizer, b = self.llm.tokenizer, len(captions)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        features = self.visual_encoder(images)  # (b, 1, f)
+        features = self.visual_encoder(images) if features is None else features.to(self.device)  # (b, 1, f)
         prefix = self.visual_prefix(features)  # (b, k, d)
+        device = prefix.device
         ids = [self.caption_ids(c) for c in captions]
 
         # Captioning: [prefix][BOS caption][RET]; BOS is a target (predicted from the last
         # visual token) and everything from [RET] on is masked, as in the reference.
         # Packed: [img1][BOS cap1][img2][BOS cap2][RET][RET].
         fmt = self.sequence_format()  # mmgen.methods.formats.FROMAGeFormat
-        cap = collate(fmt.caption_sequences(ids, pack), pad_id, images.device)
+        cap = collate(fmt.caption_sequences(ids, pack), pad_id, device)
         cap_out = self.llm(cap.embed(self.llm.embed, prefix), cap.attention_mask, cap.labels)
 
         # Retrieval mode: text only, [RET] a target; its hidden state is the text embedding.
-        ret = collate(fmt.retrieval_sequences(ids), pad_id, images.device)
+        ret = collate(fmt.retrieval_sequences(ids), pad_id, device)
         ret_out = self.llm(ret.embed(self.llm.embed), ret.attention_mask, ret.labels)
-        h_ret = ret_out.hidden[torch.arange(b, device=images.device), ret.last_position_of(self.ret_id)]
+        h_ret = ret_out.hidden[torch.arange(b, device=device), ret.last_position_of(self.ret_id)]
 
         text_emb = self.retrieval_head.embed_text(h_ret)  # (b, e)
         image_emb = self.retrieval_head.embed_image(features)  # (b, e)
@@ -136,12 +139,14 @@ class FROMAGe(FROMAGeAnswers, RetrievalMetrics, MultimodalLM):
     # -- Lightning hooks -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         pack = self.coin(self.pack_probability)
-        losses, _, _ = self.compute_losses(batch["images"], batch["captions"], pack=pack)
+        losses, _, _ = self.compute_losses(batch.get("images"), batch["captions"], pack=pack,
+                                           features=self.cached_image_features(batch))
         self.log_losses(losses, "train", len(batch["captions"]))
         return losses["loss"]
 
     def evaluation_outputs(self, batch):
-        return self.compute_losses(batch["images"], batch["captions"])  # unpacked
+        return self.compute_losses(batch.get("images"), batch["captions"],  # unpacked
+                                   features=self.cached_image_features(batch))
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_new_tokens: int = 16) -> list[str]:

@@ -181,7 +181,7 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
     # -- the objective ---------------------------------------------------------------------------
     def compute_losses(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         captions: list[str],
         caption_embeddings: torch.Tensor | None = None,
         pack_caption: bool = False,
@@ -189,6 +189,7 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
         pack_gen: bool = False,
         cache_name: str | None = None,
         share_text_forward: bool = True,
+        features: torch.Tensor | None = None,
     ):
         """Every loss term of a step and its retrieval embeddings: (losses, text embeddings
         (b, e), image embeddings (b, e)). ``losses``: caption, ret_lm, gen_lm, t2i, i2t,
@@ -196,10 +197,11 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
 
         ``pack_*``: the packing coin of each mode. ``share_text_forward=False`` runs the
         retrieval and generation forwards separately even when their inputs are the same (the
-        reference's way; for parity checks and benchmarks)."""
-        device = images.device
-        features = self.visual_encoder(images)  # (b, 1, f)
+        reference's way; for parity checks and benchmarks). ``features``: the encoder's pooled
+        features (b, 1, f) from a feature cache, in place of ``images``."""
+        features = self.visual_encoder(images) if features is None else features.to(self.device)  # (b, 1, f)
         prefix = self.visual_prefix(features)  # (b, k, d)
+        device = prefix.device
         ids = [self.caption_ids(c) for c in captions]
 
         cap = collate(self.caption_sequences(ids, pack_caption), self._pad_id, device)
@@ -225,6 +227,15 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
             losses["caption"] + 0.5 * ret_lm + 0.5 * gen_lm + self.contrastive_scale * losses["contrastive"] + gen
         )
         return losses, text_emb, image_emb
+
+    def cached_caption_embeddings(self, batch: dict) -> torch.Tensor | None:
+        """The batch's ``caption_embeddings``; from a shard feature cache, after checking that this
+        model's image generator made them."""
+        if "captions" in (batch.get("feature_caches") or {}) and self.image_generator is not None:
+            from mmgen.data.feature_cache import caption_fingerprint, check_made_by
+
+            check_made_by(batch, "captions", lambda: caption_fingerprint(self.image_generator), "image generator")
+        return batch.get("caption_embeddings")
 
     def text_forward(self, ids: list[list[int]], pack: bool):
         """The text-only mode ``[BOS caption IMG0..r-1]``: (CE, hidden states (b, r, hidden) and
@@ -261,17 +272,19 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
 
     def training_step(self, batch, batch_idx):
         losses, _, _ = self.compute_losses(  # one coin per mode, drawn in the reference's order
-            batch["images"], batch["captions"], batch.get("caption_embeddings"),
+            batch.get("images"), batch["captions"], self.cached_caption_embeddings(batch),
             pack_caption=self._pack(), pack_ret=self._pack(), pack_gen=self._pack(),
-            cache_name=batch.get("caption_cache"),
+            cache_name=batch.get("caption_cache"), features=self.cached_image_features(batch),
+            # sharded blocks: two text forwards on every process, whatever its own coins say
+            share_text_forward=not self.backbones_sharded,
         )
         self.log_losses(losses, "train", len(batch["captions"]))
         return losses["loss"]
 
     def evaluation_outputs(self, batch):
         return self.compute_losses(  # unpacked
-            batch["images"], batch["captions"], batch.get("caption_embeddings"),
-            cache_name=batch.get("caption_cache"),
+            batch.get("images"), batch["captions"], self.cached_caption_embeddings(batch),
+            cache_name=batch.get("caption_cache"), features=self.cached_image_features(batch),
         )
 
     # -- using the [IMG] tokens ------------------------------------------------------------------

@@ -33,7 +33,9 @@ class GILLDecisionStage(MultimodalLM):
     Args:
         gill: The GILL model, configured as in the GILL run.
         gill_checkpoint: That run's checkpoint (trainable parameters only, as mmgen saves them).
-            None: GILL as initialised (tests only).
+            None: the GILL tensors must come from elsewhere (a pretrained folder of this stage,
+            ``mmgen.callbacks.InitFrom``), or ``fit`` refuses to start.
+        allow_untrained_gill: Train on GILL as initialised, without its trained tensors (tests).
         decision_head: Default: DecisionHead(dropout=0.5).
         optim: Default: AdamW lr 1e-3, weight decay 0, no warmup (the reference).
     """
@@ -44,10 +46,12 @@ class GILLDecisionStage(MultimodalLM):
         gill_checkpoint: str | None = None,
         decision_head: OutputHead | None = None,
         optim: Optim | None = None,
+        allow_untrained_gill: bool = False,
     ):
         super().__init__(optim or Optim(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0))
         self.gill = gill
         self.gill_checkpoint = gill_checkpoint
+        self.allow_untrained_gill = allow_untrained_gill
         self.decision_head = decision_head or DecisionHead(dropout=0.5)
         # The decision stage never computes the generation loss: no generator weights needed.
         self.gill.precomputed_captions = True
@@ -61,6 +65,17 @@ class GILLDecisionStage(MultimodalLM):
         self.gill.eval()
         self.decision_head.configure(self.gill.llm.hidden_size)
         self.apply_trainability()
+
+    def on_fit_start(self) -> None:
+        """Refuse to train on a GILL that nothing loaded trained tensors into (after callbacks
+        such as InitFrom, which run first): its [IMG0] states would be noise."""
+        loaded = getattr(self, "_loaded_weights_from", None)  # set by mmgen.pretrained.load_weights_into
+        if self.gill_checkpoint is None and loaded is None and not self.allow_untrained_gill:
+            raise ConfigError(
+                "GILLDecisionStage: no trained GILL to train a decision module on: set "
+                "model.init_args.gill_checkpoint to the GILL run's checkpoint (printed at the end of that run), "
+                "or model.init_args.allow_untrained_gill=true to train on an untrained GILL deliberately"
+            )
 
     def parameter_groups(self) -> dict[str, ParamGroup]:
         """The decision module alone; the GILL model is frozen."""

@@ -43,15 +43,27 @@ def symmetric_infonce(text: torch.Tensor, image: torch.Tensor, logit_scale: torc
 
 
 def retrieval_recall(text: torch.Tensor, image: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """Recall@k of text->image and image->text over matching rows of ``text`` and ``image``."""
-    from torchmetrics.functional.retrieval import retrieval_recall as recall_one_query
+    """Recall@k of text->image and image->text over matching rows of ``text`` and ``image``
+    (each row's match is the same row of the other side), by torchmetrics' ``RetrievalRecall``.
 
-    sims = text @ image.t()  # (n, n)
+    The scores are computed here, on the CPU ((n, n) similarities: the metric takes them flat,
+    n^2 entries with their query index). Every caller holds the whole gathered evaluation set, so
+    the metric does not sync across processes (that would count each query once per process).
+    """
+    from torchmetrics.retrieval import RetrievalRecall
+
+    sims = (text.float() @ image.float().t()).cpu()  # (n, n)
     n = sims.shape[0]
-    target = torch.eye(n, dtype=torch.bool, device=sims.device)
+    target = torch.eye(n, dtype=torch.bool).flatten()  # (n * n,)
+    queries = torch.arange(n).repeat_interleave(n)  # (n * n,): the query of each score
     out = {}
     for name, matrix in (("t2i", sims), ("i2t", sims.t())):
+        # torchmetrics counts a relevant item only where its score is > 0 (its scores are meant to
+        # be probabilities); a per-query shift above 0 keeps the ranking: the plain recall@k the
+        # papers report (the match within the k best-scored), negative cosine similarities too
+        scores = (matrix - matrix.min(dim=1, keepdim=True).values + 1).flatten()
         for k in ks:
-            hits = [recall_one_query(matrix[i], target[i], top_k=k) for i in range(n)]
-            out[f"{name}_R@{k}"] = float(torch.stack(hits).mean())
+            metric = RetrievalRecall(top_k=k, sync_on_compute=False)
+            metric.update(scores, target, indexes=queries)
+            out[f"{name}_R@{k}"] = float(metric.compute())
     return out

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from mmgen.components.base import ImageGenerator, LLMBackbone, NewToken, VisualEncoder
 from mmgen.components.hub import random_weights_requested
+from mmgen.components.stable_diffusion import min_snr_weights  # noqa: F401  (the generator's loss weights)
 from mmgen.components.voken_mapper import VokenMapper
 from mmgen.data.interleave import collate
 from mmgen.data.minigpt5_samples import IMAGE_PLACEHOLDER, N_VOKENS, VOKENS
@@ -40,14 +41,12 @@ from mmgen.methods.stages import Stage, get_stage
 VOCABULARY = [NewToken(t, lstrip=True) for t in VOKENS + [IMAGE_PLACEHOLDER]]
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float = 5.0,
-                    prediction_type: str = "epsilon") -> torch.Tensor:
-    """Per-sample Min-SNR-gamma loss weights: min(SNR, gamma) / SNR for epsilon prediction
-    (/ (SNR + 1) for v-prediction), SNR_t = alpha_bar_t / (1 - alpha_bar_t)."""
-    alpha = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alpha / (1 - alpha)
-    denominator = snr + 1 if prediction_type == "v_prediction" else snr
-    return torch.clamp(snr, max=gamma) / denominator
+def _unwrapped_name(name: str) -> str:
+    """A parameter's name without peft's wrappers, which differ by adapter kind
+    (``llm.model.base_model.model.model.embed_tokens.token_adapter.x`` under LoRA,
+    ``llm.model.base_model.model.embed_tokens.x`` under prefix tuning) -> ``embed_tokens.x``."""
+    parts = [p for p in name.split(".") if p not in ("llm", "model", "base_model", "token_adapter")]
+    return ".".join(parts)
 
 
 class MiniGPT5(MiniGPT5Answers, MultimodalLM):
@@ -161,13 +160,23 @@ class MiniGPT5(MiniGPT5Answers, MultimodalLM):
     def load_initial_weights(self, path: str, reset: list[str] = ()) -> None:
         """Copy a checkpoint's trainable tensors into this model (stage 2 from stage 1). Every
         checkpoint tensor must exist here with the same shape, and every group not in ``reset``
-        must be in the checkpoint."""
+        must be in the checkpoint.
+
+        The two stages may use different adapters (stage 1 with LoRA, stage 2 with prefix tuning):
+        peft then nests the LLM differently, and the token rows are found under their stage-2
+        names. With ``"adapter"`` in ``reset``, the other adapter's tensors are dropped, not
+        merged: stage 1 never trains its adapter (a LoRA there is frozen at B = 0, an identity),
+        so merging it would add nothing."""
         from mmgen.checkpoints import read_tensors
 
         state = read_tensors(path, "checkpoint (init_from)")  # weights-only; names the file on any fault
         params = dict(self.named_parameters())
         names = {id(p): n for n, p in params.items()}
         groups = {g: {names[id(p)] for p in group.params} for g, group in self.parameter_groups().items()}
+        own = {_unwrapped_name(n): n for n in set().union(*groups.values())}
+        state = {(k if k in params else own.get(_unwrapped_name(k), k)): v for k, v in state.items()}
+        if "adapter" in reset:
+            state = {k: v for k, v in state.items() if k in params or not k.startswith("llm.")}
         keep = set().union(*(groups[g] for g in groups if g not in reset))
         unexpected = sorted(set(state) - set().union(*groups.values()))
         missing = sorted(keep - set(state))
@@ -217,27 +226,45 @@ class MiniGPT5(MiniGPT5Answers, MultimodalLM):
             raise ValueError("every [IMG0] must follow some text and be followed by [IMG1]..[IMG7]")
         return hidden[rows[:, None], positions]  # (n, 8, d)
 
+    def cached_latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The output images' VAE latent distribution (mean, std), each (n_out, c, h, w), from a
+        latent cache, after checking that this model's VAE made it; None without a cache."""
+        if "output_latent_mean" not in batch:
+            return None
+        from mmgen.data.feature_cache import check_made_by, vae_fingerprint
+
+        check_made_by(batch, "vae", lambda: vae_fingerprint(self.generator), "VAE")
+        return batch["output_latent_mean"], batch["output_latent_std"]
+
     # -- the objective ---------------------------------------------------------------------------
     def compute_losses(self, batch: dict, train: bool = True) -> dict[str, torch.Tensor]:
         device = self.device
         sequences = [self.source_segments(s) + self.target_segments(t)
                      for s, t in zip(batch["sources"], batch["targets"])]
         seq = collate(sequences, self._pad_id(), device)
-        embeds = seq.embed(self.llm.embed, self._image_embeds(batch["input_images"]))
+        image_embeds = self._image_embeds(batch["input_images"])
+        blank_term = 0.0
+        if image_embeds is None and self.backbones_sharded and self.visual_encoder is not None:
+            # No input image on this process: its sharded encoder blocks must still run (before
+            # the LLM, as where there are images) in the same order as on the other processes.
+            size = self.visual_encoder.image_size
+            blank_term = 0.0 * self.visual_encoder(torch.zeros(1, 3, size, size, device=device)).float().sum()
+        embeds = seq.embed(self.llm.embed, image_embeds)
         out = self.llm(embeds, seq.attention_mask, seq.labels)
         losses = {"text": out.loss}
-        loss = self.text_loss_weight * out.loss
+        loss = self.text_loss_weight * out.loss + blank_term
 
         features = self.voken_features(seq.input_ids, out.hidden)  # (n_out, 8, d)
-        images = batch["output_images"]
-        if features.shape[0] != images.shape[0]:
-            raise ValueError(f"{features.shape[0]} voken groups but {images.shape[0]} output images")
+        images, latent_dist = batch.get("output_images"), self.cached_latents(batch)
+        n_images = (images if latent_dist is None else latent_dist[0]).shape[0]
+        if features.shape[0] != n_images:
+            raise ValueError(f"{features.shape[0]} voken groups but {n_images} output images")
         if features.shape[0] > 0:
             n = features.shape[0]
             drop = self.mapper.sample_drop(n, self.training_rng).to(device) if train else torch.zeros(n, dtype=torch.bool, device=device)
             features = torch.where(drop[:, None, None], torch.zeros_like(features), features)
             mapped = self.mapper(features)  # (n_out, 77, text_embed_dim)
-            losses["ldm"] = self.generator.ldm_loss(images, mapped, snr_gamma=self.snr_gamma)
+            losses["ldm"] = self.generator.ldm_loss(images, mapped, snr_gamma=self.snr_gamma, latent_dist=latent_dist)
             loss = loss + self.ldm_loss_weight * losses["ldm"]
             captions = [c for c, k in zip(batch["captions"], batch["n_output_images"]) for _ in range(k)]
             if self.caption_loss_on and captions and all(c is not None for c in captions):

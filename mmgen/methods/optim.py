@@ -83,6 +83,8 @@ def param_groups(groups: "dict[str, ParamGroup] | nn.Module", optim: Optim) -> l
 
 
 def lr_factor(step: int, optim: Optim, total_steps: int) -> float:
+    """The schedule's learning-rate multiplier at optimizer step ``step``: what the scheduler of
+    :func:`build_optimizer` gives (transformers' for constant and linear, this for step)."""
     if step < optim.warmup_steps:
         return step / optim.warmup_steps
     if optim.schedule == "constant":
@@ -101,10 +103,21 @@ def lr_factor(step: int, optim: Optim, total_steps: int) -> float:
 
 
 def build_optimizer(groups: "dict[str, ParamGroup] | nn.Module", optim: Optim, total_steps: int):
-    """AdamW over :func:`param_groups` with a per-step LambdaLR (Lightning config dict)."""
+    """AdamW over :func:`param_groups` with a per-step schedule (Lightning config dict).
+
+    "constant" and "linear" are transformers' ``constant_with_warmup`` and ``linear`` schedules
+    (warmup from 0). "step" is a LambdaLR of :func:`lr_factor`: neither library has warmup from 0
+    followed by step decay (torch's ``LinearLR`` cannot start at 0, and ``SequentialLR`` restarts
+    ``MultiStepLR``'s step count at the switch, shifting every milestone by the warmup)."""
+    from transformers import get_scheduler
+
     optimizer = torch.optim.AdamW(param_groups(groups, optim), betas=tuple(optim.betas), eps=optim.eps)
     total = optim.total_steps or total_steps
     if optim.schedule == "linear":
         lr_factor(optim.warmup_steps, optim, total)  # fails now, not at the end of warm-up
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, total))
+        scheduler = get_scheduler("linear", optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=total)
+    elif optim.schedule == "constant":
+        scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=optim.warmup_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, total))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

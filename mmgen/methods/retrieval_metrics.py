@@ -40,6 +40,9 @@ class RetrievalMetrics:
         collected = getattr(self, "_retrieval_embeddings", [])
         if not collected:
             return
+        # Gathered here, before scoring: every query is scored against the whole gallery (every
+        # process's images), and duplicates are dropped by dataset index below; torchmetrics'
+        # own sync gathers scores after the fact, so it can do neither.
         text = self.gather_global_batch(torch.cat([c[0] for c in collected]), keep_grad=False)
         image = self.gather_global_batch(torch.cat([c[1] for c in collected]), keep_grad=False)
         index = self.gather_global_batch(torch.cat([c[2] for c in collected]), keep_grad=False)

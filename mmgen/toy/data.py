@@ -1,0 +1,46 @@
+"""The toy world as tensors and texts for pretraining the backbones, read back through mmgen's own
+readers from the files `write_toy_world` writes (so pretraining sees exactly what the methods see)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmgen.data.captions import read_caption_tsv
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """(3, h, w) RGB in [0, 1]."""
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def caption_pairs(world: Path, split: str) -> tuple[torch.Tensor, list[str]]:
+    """(images (n, 3, s, s) in [0, 1], captions) of the world's CC3M-layout split."""
+    folder = Path(world) / "captions"
+    records = read_caption_tsv(folder / f"{split}.tsv", folder / "images", "caption", "image")
+    return torch.stack([load_image(r.image_path) for r in records]), [r.caption for r in records]
+
+
+def language_texts(world: Path, split: str) -> list[str]:
+    """Everything the LMs read: captions; each story as one text; and the MiniGPT-5-shaped samples
+    (system prompt, roles, templates) of the stories and dialogues, with images left out of the
+    text (their slots become the bare ``<Img><ImageHere></Img>`` string, the vokens dropped)."""
+    from mmgen.data.minigpt5_samples import VOKEN_STRING
+    from mmgen.data.mmdialog import MMDialogDataset
+    from mmgen.data.vist import TASKS, VISTDataset, read_vist_stories
+
+    world = Path(world)
+    _, captions = caption_pairs(world, split)
+    stories, _ = read_vist_stories(world / "vist" / f"{split}.json")
+    story_texts = [" . ".join(text for text, _ in steps) for _, steps in stories]
+    vist = VISTDataset(str(world / "vist" / f"{split}.json"), image_dir=str(world / "vist" / "images"),
+                       tasks=list(TASKS), check_images=False).build()
+    dialogues = MMDialogDataset(str(world / "mmdialog" / f"{split}_conversations.txt"), max_turn_tokens=None,
+                                check_images=False).build()
+    samples = [f"{s.source} {s.target.replace(VOKEN_STRING, '')}" for s in vist + dialogues]
+    return captions + story_texts + samples

@@ -1,0 +1,165 @@
+"""``mmgen toy pretrain``: rebuild every toy-world backbone, deterministically, timing each stage.
+
+    world      the generated world (captions, stories, dialogues) in .cache/, not shipped
+    tokenizer  the world's word-level tokenizer (LM-shaped; the CLIP-shaped copy goes with clip/)
+    opt        OPT-style causal LM     (FROMAGe, GILL)
+    llama      LLaMA-style causal LM   (MiniGPT-5)
+    clip       CLIPModel               (visual encoder of FROMAGe/GILL; text encoder of the diffusion model)
+    qformer    BLIP-2 Q-Former         (MiniGPT-5's visual encoder)
+    judge      the shape/colour classifier that scores generated images   (mmgen.toy.judge)
+    sd         latent diffusion model conditioned on clip's text tower    (mmgen.toy.diffusion)
+
+Each backbone is written with ``save_pretrained`` to ``<out>/<name>/``; ``<out>/pretrain.json``
+records, per stage, the seconds it took and the backbone's own quality on held-out data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mmgen.toy import TOY_WORLD_DIR
+
+STAGES = ("world", "tokenizer", "opt", "llama", "clip", "qformer", "judge", "sd")
+RECORD = "pretrain.json"
+
+# Sizes of the world and of each training run. ``quick`` (tests) shrinks every one of them.
+FULL = dict(n_captions=4096, n_stories=384, n_dialogues=384, n_val=128, lm_steps=400, clip_steps=800,
+            qformer_steps=600, judge_steps=600)
+QUICK = dict(n_captions=256, n_stories=16, n_dialogues=16, n_val=32, lm_steps=10, clip_steps=10,
+             qformer_steps=5, judge_steps=10)
+
+
+def pretrain(out: Path = TOY_WORLD_DIR, world: Path = Path(".cache/mmgen-toy-world"), seed: int = 0,
+             stages: tuple[str, ...] = STAGES, quick: bool = False, log=print) -> dict:
+    """Run ``stages`` (in STAGES order; later ones read what earlier ones saved in ``out``) and
+    return the record written to ``out/pretrain.json`` (merged with the stages not rerun)."""
+    from mmgen.data.toy import write_toy_world
+    from mmgen.data.toy_tokenizer import build_world_tokenizer
+    from mmgen.toy import clip, language, qformer
+    from mmgen.toy.data import caption_pairs, language_texts
+
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}")
+    sizes = QUICK if quick else FULL
+    out, world = Path(out), Path(world)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record.update(seed=seed, quick=quick, sizes=sizes, torch_threads=torch.get_num_threads())
+    record.setdefault("stages", {})
+    tokenizer = build_world_tokenizer()
+    clip_tokenizer = build_world_tokenizer(clip=True)
+    write_world = lambda: write_toy_world(world, sizes["n_captions"], sizes["n_stories"], sizes["n_dialogues"],  # noqa: E731
+                                          sizes["n_val"], image_size=32, seed=seed)
+
+    def pairs(split):
+        write_world()  # a no-op when the world on disk matches
+        return caption_pairs(world, split)
+
+    def run_world():
+        write_world()
+        return {"root": str(world)}
+
+    def run_tokenizer():
+        tokenizer.save_pretrained(out / "tokenizer")
+        return {"words": len(tokenizer)}
+
+    def run_lm(family):
+        write_world()
+        result = language.train_lm(family, tokenizer, language_texts(world, "train"), out / family,
+                                   steps=sizes["lm_steps"], seed=seed, log=log)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(out / family)
+        result["val_caption_perplexity"] = round(language.perplexity(model, tokenizer, pairs("val")[1]), 3)
+        result["val_text_perplexity"] = round(language.perplexity(model, tokenizer, language_texts(world, "val")), 3)
+        return result
+
+    def run_clip():
+        images, captions = pairs("train")
+        result = clip.train_clip(clip_tokenizer, images, captions, out / "clip", steps=sizes["clip_steps"],
+                                 seed=seed, log=log)
+        from transformers import CLIPModel
+
+        from mmgen.data.toy import parse_caption
+
+        model = CLIPModel.from_pretrained(out / "clip").eval()
+        val_images, val_captions = pairs("val")
+        result["zero_shot"] = clip.zero_shot_accuracy(model, clip_tokenizer, val_images,
+                                                      [parse_caption(c) for c in val_captions])
+        result["val_t2i_R@1"] = clip.retrieval_r1(model, clip_tokenizer, val_images, val_captions)
+        result["val_n"] = len(val_captions)
+        return result
+
+    def run_qformer():
+        images, captions = pairs("train")
+        result = qformer.train_qformer(tokenizer, images, captions, out / "qformer", steps=sizes["qformer_steps"],
+                                       seed=seed, log=log)
+        from transformers import Blip2ForImageTextRetrieval
+
+        model = Blip2ForImageTextRetrieval.from_pretrained(out / "qformer").eval()
+        val_images, val_captions = pairs("val")
+        result["val_t2i_R@1"] = qformer.retrieval_r1(model, tokenizer, val_images, val_captions)
+        return result
+
+    def run_judge():
+        from mmgen.toy.judge import train_judge
+
+        _, result = train_judge(out / "judge", seed=seed, steps=sizes["judge_steps"],
+                                **({"n_train": 512, "n_val": 64} if quick else {}))
+        return result
+
+    def run_sd():
+        # The latent diffusion model: VAE + UNet conditioned on clip/'s text tower, as SD; then its
+        # own rate of correct images from true captions (the reference the methods are held to).
+        from mmgen.toy.diffusion import evaluate_diffusion, train_latent_diffusion
+        from mmgen.toy.judge import load_judge
+
+        steps = dict(n_train=256, vae_steps=5, unet_steps=5) if quick else {}
+        result = train_latent_diffusion(out / "sd", clip_dir=out / "clip", seed=seed, log=log, **steps)
+        if not quick:
+            result["judged_from_true_captions"] = evaluate_diffusion(out / "sd", load_judge(out / "judge"), n=120)
+        return result
+
+    runners = {"world": run_world, "tokenizer": run_tokenizer, "opt": lambda: run_lm("opt"),
+               "llama": lambda: run_lm("llama"), "clip": run_clip, "qformer": run_qformer, "judge": run_judge,
+               "sd": run_sd}
+    total = time.perf_counter()
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        log(f"[toy pretrain] {stage} ...")
+        start = time.perf_counter()
+        torch.manual_seed(seed)
+        result = runners[stage]() or {}
+        result = {k: v for k, v in result.items() if _jsonable(v)}
+        result["stage_seconds"] = round(time.perf_counter() - start, 1)
+        record["stages"][stage] = result
+        log(f"[toy pretrain] {stage} done in {result['stage_seconds']} s: "
+            f"{json.dumps({k: v for k, v in result.items() if k != 'stage_seconds'})}")
+        _save(record_path, record, stage)  # after each stage
+    record["last_run_seconds"] = round(time.perf_counter() - total, 1)
+    _save(record_path, record)
+    return record
+
+
+def _save(path: Path, record: dict, stage: str | None = None) -> None:
+    """Write ``record``, keeping the stages another run (``--stages``) wrote meanwhile."""
+    on_disk = json.loads(path.read_text()) if path.is_file() else {}
+    stages = {**on_disk.get("stages", {}), **record["stages"]}
+    if stage is not None:
+        stages[stage] = record["stages"][stage]
+    path.write_text(json.dumps({**on_disk, **record, "stages": stages}, indent=2, sort_keys=True) + "\n")
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
