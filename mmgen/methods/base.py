@@ -69,16 +69,16 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
 
     def _load_rng_states(self, checkpoint: dict) -> None:
         states = checkpoint.get("mmgen_rng_states")
-        if not states:
-            return
-        world = self.trainer.world_size if self._trainer is not None else 1
+        if not states or self._trainer is None or self.trainer.state.fn != "fit":
+            return  # only a resumed fit continues the draws (not inference or evaluation)
+        world = self.trainer.world_size
         if len(states) != world:
             warnings.warn(f"the checkpoint's random draws are for {len(states)} processes, this run has "
                           f"{world}: packing and CFG decisions restart from the seed")
             return
         # a copy: a stored row can be a view into the gathered (world, n) storage, and set_state
         # reads the storage from its start (a segfault or another rank's state otherwise)
-        self.training_rng.set_state(states[self.global_rank if self._trainer is not None else 0].to(torch.uint8).clone())
+        self.training_rng.set_state(states[self.global_rank].to(torch.uint8).clone())
 
     #: Scale the new token rows to the frozen rows' mean norm after each optimizer step
     #: (FROMAGe and GILL do; subclasses set it from their init arguments).

@@ -17,6 +17,8 @@ images with per-sample counts). What trains is chosen by the stage (``mmgen.meth
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -116,6 +118,11 @@ class MiniGPT5(MiniGPT5Answers, MultimodalLM):
             self.load_initial_weights(self.init_from, self.init_reset)
         if self.stage is not None:  # before any strategy wraps the model: DDP sees the final set
             self.apply_stage(self.stage)
+            frozen = sorted({"fc", "queries"} - set(self.stage.train))
+            if frozen and not self.init_from:
+                warnings.warn(f"MiniGPT-5 stage {self.stage.name!r} keeps {frozen} frozen, and without "
+                              "model.init_args.init_from (the previous stage's checkpoint) they stay at their "
+                              "random initialisation")
         else:
             self.apply_trainability()
 
