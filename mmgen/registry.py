@@ -55,6 +55,13 @@ class Component(Registered, nn.Module):
         cast = tuple(t if t is None or param is None else t.to(param.dtype) for t in tensors)
         return cast[0] if len(cast) == 1 else cast
 
+    def follow_run_precision(self, dtype: "torch.dtype") -> None:
+        """Store the frozen weights in ``dtype``, the run's precision (mmgen.precision), when this
+        component's ``dtype`` argument is "auto". The method calls it before ``configure``; a
+        component already built keeps the dtype it was built in."""
+        if getattr(self, "dtype_name", None) == "auto" and not self.is_configured:
+            self.dtype = dtype
+
     @property
     def is_configured(self) -> bool:
         return any(True for _ in self.parameters(recurse=True))

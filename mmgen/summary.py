@@ -16,6 +16,7 @@ def dry_run(model, trainer=None) -> list[tuple[str, int, int]]:
     ``fit`` (a training stage decides what trains), so the table counts what that run trains."""
     if trainer is not None:
         prepare_as_in_fit(model, trainer)
+        model.follow_run_precision(trainer.precision)
     with random_weights_only(), torch.device("meta"):
         model.configure_model()
     return model.parameter_table()

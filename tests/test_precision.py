@@ -36,3 +36,20 @@ def test_tiny_fit_under_each_precision(tmp_path, method, precision):
     trainable = [p for p in cli.model.parameters() if p.requires_grad]
     expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
     assert {p.dtype for p in trainable} == {expected}  # mixed: fp32 master weights
+    # the trainer's precision is the one setting: frozen backbones (dtype: auto) follow it
+    frozen = {p.dtype for p in cli.model.llm.parameters() if not p.requires_grad}
+    assert frozen == {torch.float32 if precision == "32" else torch.bfloat16}
+
+
+def test_an_explicit_component_dtype_overrides_the_run_precision():
+    from mmgen.components.causal_lm import CausalLM
+    from mmgen.precision import run_storage_dtype, storage_dtype
+
+    assert run_storage_dtype("bf16-mixed") == torch.bfloat16 and run_storage_dtype("16-true") == torch.float16
+    assert run_storage_dtype("32-true") == torch.float32
+    auto, fixed = CausalLM(dtype="auto"), CausalLM(dtype="float16")
+    for component in (auto, fixed):
+        component.follow_run_precision(torch.bfloat16)
+    assert (auto.dtype, fixed.dtype) == (torch.bfloat16, torch.float16)
+    with pytest.raises(Exception, match="dtype must be one of"):
+        storage_dtype("bf16")

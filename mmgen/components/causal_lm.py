@@ -11,6 +11,7 @@ from mmgen.components.hub import (
 )
 from mmgen.errors import ConfigError
 from mmgen.quiet import quiet_peft_wrap
+from mmgen.precision import storage_dtype
 
 
 class CausalLM(LLMBackbone):
@@ -36,7 +37,8 @@ class CausalLM(LLMBackbone):
             behaviour (``NewToken.lstrip``), which gives the official ids.
         adapter: A peft adapter (LoRA, prefix tuning) trained with the new token rows. None: only
             the new token rows train.
-        dtype: dtype of the frozen weights ("float32", "bfloat16", "float16").
+        dtype: dtype of the frozen weights ("float32", "bfloat16", "float16"); "auto": the
+            run's precision decides (mmgen.precision).
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         seed: Seed of random builds: the same config always gives the same random weights.
     """
@@ -49,7 +51,7 @@ class CausalLM(LLMBackbone):
         tokenizer: str | None = None,
         tokenizer_kwargs: dict | None = None,
         adapter: PeftAdapter | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         gradient_checkpointing: bool = False,
         seed: int = 0,
     ):
@@ -61,7 +63,7 @@ class CausalLM(LLMBackbone):
         self.tokenizer_name = resolve_name(tokenizer or name_or_path)
         self.tokenizer_kwargs = dict(tokenizer_kwargs or {})
         self.adapter = adapter
-        self.dtype = getattr(torch, dtype)
+        self.dtype_name, self.dtype = dtype, storage_dtype(dtype)
         self.gradient_checkpointing = gradient_checkpointing
         self.model: nn.Module | None = None
         self.new_token_ids: list[int] = []  # rows that train (the method's trainable new tokens)

@@ -9,6 +9,7 @@ from mmgen.components.base import VisualEncoder
 from mmgen.components.hub import random_weights_requested, resolve_config, resolve_name, seeded
 from mmgen.errors import ConfigError
 from mmgen.quiet import quiet_load_report
+from mmgen.precision import storage_dtype
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -32,7 +33,7 @@ class CLIPVisionEncoder(VisualEncoder):
         name_or_path: Hub id or local folder of a CLIP model (or of its vision tower).
         config: ``CLIPVisionConfig`` values for random weights, or overrides of ``name_or_path``'s.
         random_weights: Build ``name_or_path``'s architecture with random weights.
-        dtype: dtype of the frozen weights.
+        dtype: dtype of the frozen weights; "auto": the run's precision decides (mmgen.precision).
         seed: Seed of random builds: the same config always gives the same random weights.
     """
 
@@ -43,7 +44,7 @@ class CLIPVisionEncoder(VisualEncoder):
         name_or_path: str | None = None,
         config: dict | None = None,
         random_weights: bool = False,
-        dtype: str = "float32",
+        dtype: str = "auto",
         seed: int = 0,
     ):
         super().__init__()
@@ -51,7 +52,7 @@ class CLIPVisionEncoder(VisualEncoder):
         self.name_or_path = resolve_name(name_or_path)
         self.config_overrides = config
         self.random_weights = random_weights
-        self.dtype = getattr(torch, dtype)
+        self.dtype_name, self.dtype = dtype, storage_dtype(dtype)
         self.model = None
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)

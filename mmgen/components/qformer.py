@@ -26,6 +26,7 @@ from mmgen.components.clip_vision import CLIP_MEAN, CLIP_STD, normalized_pixels
 from mmgen.components.hub import KNOWN_CONFIGS, random_weights_requested, register_known_config, resolve_name, seeded
 from mmgen.components.lavis import LavisLoad
 from mmgen.errors import ConfigError
+from mmgen.precision import storage_dtype
 
 #: The hub id of the BLIP-2 MiniGPT-4 takes its Q-Former from; also the architecture LAVIS files
 #: are loaded into when ``name_or_path`` is not given.
@@ -82,7 +83,8 @@ class QFormerEncoder(VisualEncoder):
             "num_query_tokens": n}``, or overrides of ``name_or_path``'s values.
         random_weights: Build the architecture with random weights (no file is read but
             ``projection``).
-        dtype: dtype of the frozen weights. The LAVIS ViT file is fp16: float32 holds it exactly.
+        dtype: dtype of the frozen weights; "auto": the run's precision decides (mmgen.precision).
+            The LAVIS ViT file is fp16: float32 holds it exactly.
         seed: Seed of random builds (and of ``llama_proj`` without ``projection``): the same config
             always gives the same random weights.
     """
@@ -96,7 +98,7 @@ class QFormerEncoder(VisualEncoder):
         ln_vision_eps: float = LN_VISION_EPS,
         config: dict | None = None,
         random_weights: bool = False,
-        dtype: str = "float32",
+        dtype: str = "auto",
         seed: int = 0,
     ):
         super().__init__()
@@ -108,7 +110,7 @@ class QFormerEncoder(VisualEncoder):
         self.ln_vision_eps = ln_vision_eps
         self.config_overrides = config
         self.random_weights = random_weights
-        self.dtype = getattr(torch, dtype)
+        self.dtype_name, self.dtype = dtype, storage_dtype(dtype)
         self.vision_model: nn.Module | None = None
         self.qformer: nn.Module | None = None
         self.query_tokens: nn.Parameter | None = None

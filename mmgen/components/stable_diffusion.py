@@ -32,6 +32,7 @@ from mmgen.components.base import ImageGenerator
 from mmgen.components.hub import random_weights_requested, resolve_name
 from mmgen.errors import ConfigError
 from mmgen.quiet import quiet_diffusers_casts
+from mmgen.precision import storage_dtype
 
 quiet_diffusers_casts()  # "should be kept in float32: []" on each cast of a part: nothing to keep
 
@@ -133,7 +134,8 @@ class StableDiffusion(ImageGenerator):
             the models in ``KNOWN_SD_CONFIGS``).
         tokenizer: Folder or hub id of the tokenizer. Default: ``name_or_path``'s ``tokenizer``
             subfolder. Needed for random builds that encode text (``mmgen:toy_tokenizer``).
-        dtype: dtype of the frozen weights ("float32", "float16", "bfloat16").
+        dtype: dtype of the frozen weights ("float32", "float16", "bfloat16"); "auto": the run's
+            precision decides (mmgen.precision).
         resolution: Side in pixels that ``ldm_loss`` resizes images to. Default: the VAE's
             ``sample_size`` (512 for SD v1.5 and 2.1-base).
         seed: Seed of random builds: the same config always gives the same weights, so caption
@@ -146,7 +148,7 @@ class StableDiffusion(ImageGenerator):
         config: dict | None = None,
         random_weights: bool = False,
         tokenizer: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         resolution: int | None = None,
         seed: int = 0,
     ):
@@ -155,7 +157,7 @@ class StableDiffusion(ImageGenerator):
         self.config_overrides = copy.deepcopy(config) if config else None
         self.random_weights = random_weights
         self.tokenizer_name = resolve_name(tokenizer)
-        self.build_dtype = getattr(torch, dtype)  # of parts when built; see `dtype`
+        self.dtype_name, self.build_dtype = dtype, storage_dtype(dtype)  # of parts when built; see `dtype`
         self.resolution = resolution
         self.seed = seed
         self.tokenizer = None
@@ -175,6 +177,10 @@ class StableDiffusion(ImageGenerator):
             if module is not None:
                 return next(module.parameters()).dtype
         return self.build_dtype
+
+    def follow_run_precision(self, dtype: torch.dtype) -> None:
+        if self.dtype_name == "auto" and not any(getattr(self, part) is not None for part in PARTS):
+            self.build_dtype = dtype  # lazily built parts too
 
     # -- building --------------------------------------------------------------------------------
     def configure(self, parts: Iterable[str] | None = None) -> None:

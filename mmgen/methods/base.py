@@ -12,7 +12,7 @@ from mmgen.errors import ConfigError
 from mmgen.methods.losses import gather_keeping_local_grad, infonce_terms, scale_gradient
 from mmgen.methods.optim import Optim, build_optimizer
 from mmgen.methods.trainability import ParamGroup
-from mmgen.registry import Registered
+from mmgen.registry import Component, Registered
 
 
 class MultimodalLM(Registered, pl.LightningModule, kind="method"):
@@ -44,8 +44,19 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         self.training_rng = torch.Generator().manual_seed(seed)
 
     def setup(self, stage: str) -> None:
+        self.follow_run_precision(self.trainer.precision)
         if hasattr(self, "training_rng"):
             self.training_rng.manual_seed(self.seed + self.global_rank)
+
+    def follow_run_precision(self, precision) -> None:
+        """Components with ``dtype: auto`` store their frozen weights as the run's precision says
+        (mmgen.precision): called before the model is built (``setup``; ``mmgen params``)."""
+        from mmgen.precision import run_storage_dtype
+
+        dtype = run_storage_dtype(precision)
+        for module in self.modules():
+            if isinstance(module, Component):
+                module.follow_run_precision(dtype)
 
     def coin(self, probability: float) -> bool:
         """True with ``probability``, from the method's own generator."""
