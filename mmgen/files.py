@@ -109,3 +109,13 @@ def replace_atomically(path: Path, write) -> Path:
     write(temporary)
     os.replace(temporary, path)
     return path
+
+
+def require_fields(record, keys: tuple[str, ...], where: str, what: str) -> dict:
+    """``record`` if it is a JSON object holding ``keys``; else DataError naming ``where``."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected {what}, got {type(record).__name__}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing {missing}")
+    return record

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmgen.errors import DataError
-from mmgen.files import inside_root, read_text
+from mmgen.files import inside_root, read_text, require_fields
 
 IMAGE_PATTERN = "VisualDialog_{split}_{image_id:012d}.jpg"
 
@@ -61,11 +61,7 @@ def read_visdial(json_path: str | Path, image_dir: str | Path | None = None, ima
     dialogs = []
     for i, record in enumerate(data["dialogs"]):
         where = f"{json_path}, dialogs[{i}]"
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a dialog object, got {type(record).__name__}")
-        missing = [k for k in ("image_id", "caption", "dialog") if k not in record]
-        if missing:
-            raise DataError(f"{where}: missing {missing}")
+        require_fields(record, ("image_id", "caption", "dialog"), where, "a dialog object")
         image_id = record["image_id"]
         if not isinstance(image_id, int) or isinstance(image_id, bool):
             raise DataError(f"{where}: 'image_id' must be an integer, got {image_id!r:.60}")

@@ -38,7 +38,7 @@ from mmgen.data.minigpt5_samples import (
     require_text,
 )
 from mmgen.errors import ConfigError, DataError
-from mmgen.files import inside_root, read_text, replace_atomically
+from mmgen.files import inside_root, read_text, replace_atomically, require_fields
 
 TASKS = ("generate", "next", "understand")
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".gif")
@@ -93,11 +93,7 @@ def read_cleaned_stories(json_path: Path, data: object) -> list[Story]:
         ordered = []
         for j, step in enumerate(steps):
             at = f"{where}, step [{j}]"
-            if not isinstance(step, dict):
-                raise DataError(f"{at}: expected a step object, got {type(step).__name__}")
-            missing = [k for k in ("caption", "image_id", "sequence_index") if k not in step]
-            if missing:
-                raise DataError(f"{at}: missing {missing}")
+            require_fields(step, ("caption", "image_id", "sequence_index"), at, "a step object")
             index, image_id = step["sequence_index"], step["image_id"]
             if not isinstance(index, int) or isinstance(index, bool):
                 raise DataError(f"{at}: 'sequence_index' must be an integer, got {index!r}")
