@@ -109,6 +109,8 @@ def compare_model_configs(stored: dict, given: dict) -> list[tuple[str, object, 
 
 def _resumable(key: str) -> bool:
     key = key.removeprefix("init_args.")
+    if key.rsplit(".", 1)[-1] == "dtype":  # a component's storage dtype: the trained tensors do not change
+        return True
     return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
 
 
@@ -190,7 +192,7 @@ class MMGenCLI(LightningCLI):
             raise ConfigError(
                 f"{ckpt_path}: the model config differs from the one this checkpoint was trained with, so it "
                 f"cannot be resumed or evaluated with it: {listed}{more}. Use the checkpoint's model config "
-                f"(only {', '.join(RESUMABLE_CHANGES)} may change), or start a new run from its weights "
+                f"(only {', '.join(RESUMABLE_CHANGES)} and components' dtype may change), or start a new run from its weights "
                 "(mmgen.callbacks.InitFrom)"
             )
         if diffs:

@@ -53,3 +53,13 @@ def test_an_explicit_component_dtype_overrides_the_run_precision():
     assert (auto.dtype, fixed.dtype) == (torch.bfloat16, torch.float16)
     with pytest.raises(Exception, match="dtype must be one of"):
         storage_dtype("bf16")
+
+
+def test_a_checkpoint_resumes_or_evaluates_under_another_storage_dtype():
+    # the frozen weights' storage is no part of what a checkpoint holds: "float32" (an older
+    # default) and "auto" configs load each other's checkpoints; a changed architecture does not
+    from mmgen.lightning_cli import _resumable
+
+    assert _resumable("init_args.llm.init_args.dtype")
+    assert _resumable("init_args.image_generator.init_args.dtype")
+    assert not _resumable("init_args.llm.init_args.config.hidden_size")
