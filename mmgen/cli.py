@@ -134,12 +134,9 @@ def console_main() -> None:
     status is 0 on success (a returned object would become exit status 1). A user error (bad
     data, config, checkpoint or model name) prints its message on one line, without a traceback,
     and exits 2; bugs keep their traceback. ``--debug`` (or ``MMGEN_DEBUG=1``) shows every traceback."""
+    # main() hands the arguments on explicitly (MMGenCLI.parse_arguments silences LightningCLI's
+    # warning about that); sys.argv itself must stay: Lightning's DDP relaunches each process from it.
     args = sys.argv[1:]
-    # main() hands the arguments on explicitly; LightningCLI warns when it also finds them in
-    # sys.argv. sys.argv itself must stay: Lightning's DDP relaunches each process from it.
-    import warnings
-
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     debug = args[:1] == ["--debug"] or os.environ.get("MMGEN_DEBUG", "") not in ("", "0")
     try:
         main(args)

@@ -115,7 +115,7 @@ def test_mapper_shapes_cfg_rate_and_negative_embedding():
 
 # -- Min-SNR --------------------------------------------------------------------------------------------
 def test_min_snr_weights_by_hand():
-    from mmgen.methods.minigpt5 import min_snr_weights
+    from mmgen.components.stable_diffusion import min_snr_weights
 
     alphas = torch.tensor([0.99, 0.9, 0.5, 0.1])
     t = torch.tensor([0, 1, 2, 3])
@@ -132,7 +132,7 @@ def test_generator_ldm_loss_uses_min_snr_weights():
     import torch.nn.functional as F
 
     from mmgen.components.stable_diffusion import StableDiffusion, tiny_sd_config
-    from mmgen.methods.minigpt5 import min_snr_weights
+    from mmgen.components.stable_diffusion import min_snr_weights
 
     sd = StableDiffusion(config=tiny_sd_config(), tokenizer=TOY_TOKENIZER)
     sd.configure()

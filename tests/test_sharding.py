@@ -69,8 +69,9 @@ def test_fromage_sharded_matches_ddp_and_checkpoint_loads_without_it(tmp_path):
 @pytest.mark.parametrize("config", ["configs/minigpt5_stage2_tiny.yaml"])
 def test_minigpt5_lora_in_sharded_blocks_matches_ddp_and_resumes(tmp_path, config):
     # batches of one: some processes get a sample without input images while others have some
+    # with clipping: its norm then spans sharded (LoRA) and replicated gradients (sharding.clip_grad_norm)
     args = [f"--data.train.init_args.root={tmp_path / 'vist'}", "--data.batch_size=1",
-            "--model.init_args.init_from=null", "--trainer.max_steps=2"]
+            "--model.init_args.init_from=null", "--trainer.gradient_clip_val=1.0", "--trainer.max_steps=2"]
     ddp = fit(tmp_path, "ddp", config, *args)
     sharded = fit(tmp_path, "sharded", config, *args, "--trainer.strategy=fsdp_backbones")
     assert any("lora_" in n for n in sharded[0]["shards"])  # LoRA is sharded with its block

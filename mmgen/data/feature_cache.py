@@ -77,7 +77,7 @@ def weights_sha256(module: torch.nn.Module) -> str:
         for name, tensor in sorted(module.state_dict().items()):
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
         _WEIGHT_HASHES[module] = digest.hexdigest()
     return _WEIGHT_HASHES[module]
 
@@ -110,12 +110,19 @@ def caption_fingerprint(generator, use_attention_mask: bool = False) -> dict:
             "use_attention_mask": bool(use_attention_mask)}
 
 
-def check_made_by(batch: dict, kind: str, expected: Callable[[], dict], what: str) -> None:
+_CHECKED: "weakref.WeakKeyDictionary[torch.nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def check_made_by(batch: dict, kind: str, model: torch.nn.Module, expected: Callable[[], dict], what: str) -> None:
     """DataError unless the ``kind`` cache of ``batch`` was made by the component whose
-    fingerprint ``expected()`` gives (called once per cache and component)."""
+    fingerprint ``expected()`` gives. A cache that passed is not checked again for ``model``
+    (its frozen components do not change), so training steps do not rehash configs."""
     info = (batch.get("feature_caches") or {}).get(kind)
     if info is None:
         raise DataError(f"the batch carries cached {kind} rows without the cache's fingerprint")
+    checked = _CHECKED.setdefault(model, set())
+    if (kind, info["manifest"]) in checked:
+        return
     fingerprint = expected()
     if info["fingerprint"] != fingerprint:
         differs = sorted(k for k in set(fingerprint) | set(info["fingerprint"])
@@ -125,6 +132,7 @@ def check_made_by(batch: dict, kind: str, expected: Callable[[], dict], what: st
             f"(different: {', '.join(differs)}; cache: {info['fingerprint'].get('class')}, model: "
             f"{fingerprint.get('class')}): remake it with `mmgen cache-features` from this model's config"
         )
+    checked.add((kind, info["manifest"]))
 
 
 # -- writing -----------------------------------------------------------------------------------

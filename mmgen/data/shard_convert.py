@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from mmgen.data.captions import read_caption_tsv
-from mmgen.data.shards import IMAGE_EXTENSIONS, INDEX, INDEX_FORMAT, ShardWriter, read_shard
+from mmgen.data.shards import IMAGE_EXTENSIONS, ShardWriter, read_shard, write_index
 from mmgen.errors import DataError
 from mmgen.files import require_regular_file
 
@@ -76,11 +76,7 @@ def from_img2dataset(folder: str | Path, out: str | Path, shard_size: int = 10_0
                 count = sum(1 for _ in read_shard(str(tar)))
             url = str(tar.resolve()) if tar.resolve().parent != out.resolve() else tar.name
             shards.append({"url": url, "samples": count})
-        index = {"format": INDEX_FORMAT, "version": 1, "kind": "captions", "source": str(folder.resolve()),
-                 "samples": sum(s["samples"] for s in shards), "shards": shards}
-        path = out / INDEX
-        path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_index(out, "captions", str(folder.resolve()), shards)
     groups: dict[tuple[str, str], dict[str, Path]] = {}
     for file in sorted(folder.glob("*/*")):
         if file.is_file() and "." in file.name and not file.name.endswith("_stats.json"):

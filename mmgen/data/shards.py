@@ -100,6 +100,15 @@ def resolve_source(source: str | list[str]) -> tuple[list[str], list[int] | None
     return urls, None, ""
 
 
+def write_index(out: Path, kind: str, source: str, shards: list[dict]) -> Path:
+    """``out/shards.json``: the shards (``{"url", "samples"}``), their kind and source."""
+    index = {"format": INDEX_FORMAT, "version": 1, "kind": kind, "source": source,
+             "samples": sum(s["samples"] for s in shards), "shards": shards}
+    path = Path(out) / INDEX
+    path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def read_index(path: Path) -> tuple[list[str], list[int], str]:
     """The shards of a ``shards.json``: URLs (relative ones are relative to its folder), counts, kind."""
     text = read_text(path, "shard index")
@@ -677,8 +686,4 @@ class ShardWriter:
 
     def close(self) -> Path:
         self._finish_shard()
-        index = {"format": INDEX_FORMAT, "version": 1, "kind": self.kind, "source": self.source,
-                 "samples": sum(s["samples"] for s in self.shards), "shards": self.shards}
-        path = self.out / INDEX
-        path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_index(self.out, self.kind, self.source, self.shards)

@@ -206,7 +206,10 @@ def generate_images(model, items: Sequence[Item], cache: GenerationCache, option
     conversations = [image_request(model, item.context) for item in items]
 
     def make(run: list[int], first_seed: int) -> list[Image.Image]:
-        check_lengths(model, [items[n] for n in run], model.prompt_batch([conversations[n] for n in run])[1].attention_mask)
+        # the prompts' lengths from their tokens alone (answer() encodes the images once, below)
+        fmt = model.sequence_format()
+        seq = fmt.collate([fmt.prompt(conversations[n])[0] for n in run], padding_side="left")
+        check_lengths(model, [items[n] for n in run], seq.attention_mask)
         answers = model.answer([conversations[n] for n in run], mode=mode, max_new_tokens=1, seed=first_seed,
                                guidance_scale=options.guidance_scale,
                                num_inference_steps=options.num_inference_steps, scheduler=options.scheduler)

@@ -70,7 +70,7 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
             return None
         from mmgen.data.feature_cache import check_made_by, encoder_fingerprint
 
-        check_made_by(batch, "clip", lambda: encoder_fingerprint(self.visual_encoder), "visual encoder")
+        check_made_by(batch, "clip", self, lambda: encoder_fingerprint(self.visual_encoder), "visual encoder")
         return batch["image_features"]
 
     def _save_rng_states(self, checkpoint: dict) -> None:

@@ -234,7 +234,7 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
         if "captions" in (batch.get("feature_caches") or {}) and self.image_generator is not None:
             from mmgen.data.feature_cache import caption_fingerprint, check_made_by
 
-            check_made_by(batch, "captions", lambda: caption_fingerprint(self.image_generator), "image generator")
+            check_made_by(batch, "captions", self, lambda: caption_fingerprint(self.image_generator), "image generator")
         return batch.get("caption_embeddings")
 
     def text_forward(self, ids: list[list[int]], pack: bool):

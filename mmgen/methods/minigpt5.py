@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from mmgen.components.base import ImageGenerator, LLMBackbone, NewToken, VisualEncoder
 from mmgen.components.hub import random_weights_requested
-from mmgen.components.stable_diffusion import min_snr_weights  # noqa: F401  (the generator's loss weights)
 from mmgen.components.voken_mapper import VokenMapper
 from mmgen.data.interleave import collate
 from mmgen.data.minigpt5_samples import IMAGE_PLACEHOLDER, N_VOKENS, VOKENS
@@ -33,7 +32,7 @@ from mmgen.methods.answering import MiniGPT5Answers
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.optim import Optim
 from mmgen.methods.trainability import ParamGroup
-from mmgen.methods.stages import Stage, get_stage
+from mmgen.methods.stages import Stage
 
 
 # The official vocabulary: the 8 vokens then <ImageHere>, all 9 rows trainable, added as the
@@ -240,7 +239,7 @@ class MiniGPT5(MiniGPT5Answers, MultimodalLM):
             return None
         from mmgen.data.feature_cache import check_made_by, vae_fingerprint
 
-        check_made_by(batch, "vae", lambda: vae_fingerprint(self.generator), "VAE")
+        check_made_by(batch, "vae", self, lambda: vae_fingerprint(self.generator), "VAE")
         return batch["output_latent_mean"], batch["output_latent_std"]
 
     # -- the objective ---------------------------------------------------------------------------

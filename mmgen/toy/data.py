@@ -35,7 +35,8 @@ def language_texts(world: Path, split: str) -> list[str]:
     from mmgen.data.vist import TASKS, VISTDataset, read_vist_stories
 
     world = Path(world)
-    _, captions = caption_pairs(world, split)
+    captions = [r.caption for r in read_caption_tsv(world / "captions" / f"{split}.tsv", world / "captions" / "images",
+                                                    "caption", "image")]  # the texts only: no image is read
     stories, _ = read_vist_stories(world / "vist" / f"{split}.json")
     story_texts = [" . ".join(text for text, _ in steps) for _, steps in stories]
     vist = VISTDataset(str(world / "vist" / f"{split}.json"), image_dir=str(world / "vist" / "images"),

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmgen.components.stable_diffusion import KNOWN_SD_CONFIGS
+from mmgen.components.stable_diffusion import KNOWN_SD_CONFIGS, min_snr_weights
 from mmgen.data import toy
 from mmgen.data.images import to_tensor
 from mmgen.errors import ConfigError
@@ -128,9 +128,7 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, s
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, encoder_hidden_states=cond).sample  # (b, 8, h, w)
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (b,)
-    alphas = scheduler.alphas_cumprod[t]
-    snr = alphas / (1 - alphas)
-    return (per_sample * torch.clamp(snr, max=snr_gamma) / snr).mean()
+    return (per_sample * min_snr_weights(scheduler.alphas_cumprod, t, snr_gamma)).mean()
 
 
 def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, cond: torch.Tensor, index: torch.Tensor,
@@ -237,7 +235,6 @@ def evaluate_diffusion(
     guidance_scale: float = 7.5,
     scheduler: str = "dpm",
     batch_size: int = 60,
-    return_images: bool = False,
 ) -> dict:
     """Draw one image for each of ``n`` held-out scenes' captions through mmgen's
     ``StableDiffusion`` component (its defaults: DPM-Solver, 25 steps, guidance 7.5 against the
@@ -266,7 +263,4 @@ def evaluate_diffusion(
         decoded = sd.vae.decode(sd.vae.encode(truth).latent_dist.mean).sample
     reconstructed = judge_images(judge, ((decoded + 1) / 2).clamp(0, 1), scenes)
     scores["vae_reconstructions"] = {k: v for k, v in reconstructed.items() if k != "n"}
-    if return_images:
-        scores["images"] = images
-        scores["captions"] = captions
     return scores

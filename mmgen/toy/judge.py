@@ -28,8 +28,9 @@ from PIL import Image
 from mmgen.data import toy
 from mmgen.data.images import to_tensor
 from mmgen.errors import ConfigError, DataError
+from mmgen.toy import TOY_WORLD_DIR
 
-TOY_JUDGE_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_world" / "judge"
+TOY_JUDGE_DIR = TOY_WORLD_DIR / "judge"
 
 # What the judge reads, in the order of its logit blocks, with the world's values for each.
 ATTRIBUTES: dict[str, list[str]] = {

@@ -142,18 +142,16 @@ def pretrain(out: Path = TOY_WORLD_DIR, world: Path = Path(".cache/mmgen-toy-wor
         record["stages"][stage] = result
         log(f"[toy pretrain] {stage} done in {result['stage_seconds']} s: "
             f"{json.dumps({k: v for k, v in result.items() if k != 'stage_seconds'})}")
-        _save(record_path, record, stage)  # after each stage
+        _save(record_path, record)  # after each stage
     record["last_run_seconds"] = round(time.perf_counter() - total, 1)
     _save(record_path, record)
     return record
 
 
-def _save(path: Path, record: dict, stage: str | None = None) -> None:
+def _save(path: Path, record: dict) -> None:
     """Write ``record``, keeping the stages another run (``--stages``) wrote meanwhile."""
     on_disk = json.loads(path.read_text()) if path.is_file() else {}
     stages = {**on_disk.get("stages", {}), **record["stages"]}
-    if stage is not None:
-        stages[stage] = record["stages"][stage]
     path.write_text(json.dumps({**on_disk, **record, "stages": stages}, indent=2, sort_keys=True) + "\n")
 
 
