@@ -43,35 +43,3 @@ class PrintMetrics(pl.Callback):
         callback = trainer.checkpoint_callback
         if callback is not None and callback.best_model_path:
             print(f"checkpoint: {callback.best_model_path}", flush=True)
-
-
-class InitFrom(pl.Callback):
-    """Start training from trained tensors: a pretrained folder (``save_pretrained``,
-    ``mmgen convert``, ``mmgen export``), a ``.safetensors`` file or a Lightning checkpoint.
-
-    The tensors are copied in when fitting starts (after the model is built, before the first
-    step), checked key by key; resuming with ``--ckpt_path`` takes precedence and skips this.
-
-        mmgen fit --config configs/fromage.yaml \\
-            --trainer.callbacks+=mmgen.callbacks.InitFrom --trainer.callbacks.path=out/fromage
-
-    Args:
-        path: Pretrained folder, ``.safetensors`` file or ``.ckpt`` file.
-        allow_missing: Keep the model's own initialisation for tensors the source lacks (e.g. a
-            LoRA adapter the source model did not have) instead of refusing.
-    """
-
-    def __init__(self, path: str, allow_missing: bool = False):
-        self.path = path
-        self.allow_missing = allow_missing
-
-    def on_fit_start(self, trainer, pl_module):
-        from lightning.pytorch.utilities import rank_zero_info
-
-        from mmgen.pretrained import load_weights_into, read_weights
-
-        if trainer.ckpt_path:
-            rank_zero_info(f"InitFrom: resuming from {trainer.ckpt_path}, not initialising from {self.path}")
-            return
-        missing = load_weights_into(pl_module, read_weights(self.path), str(self.path), self.allow_missing)
-        rank_zero_info(f"InitFrom: trained tensors from {self.path}" + (f" ({len(missing)} kept fresh)" if missing else ""))

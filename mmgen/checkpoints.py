@@ -2,7 +2,7 @@
 
 Every place mmgen reads a ``.ckpt`` / ``.pth`` / ``.bin`` / ``.safetensors`` file goes through
 :func:`load_torch_file` or :func:`read_tensors` (``fit --ckpt_path``, ``validate``,
-``load_from_checkpoint``, ``init_from``, the decision stage's GILL checkpoint, ``mmgen export``,
+``load_from_checkpoint``, ``init_from``, ``mmgen export``,
 pretrained folders, converted releases). They:
 
 - refuse what is not a regular file (a folder, a named pipe that would block the read forever, a

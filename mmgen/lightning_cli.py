@@ -33,7 +33,7 @@ from mmgen.errors import ConfigError
 #: Model config keys (under init_args, dotted) that a resumed run may change; see _compare.
 RESUMABLE_CHANGES = (
     "optim.lr", "optim.warmup_steps", "optim.schedule", "optim.decay_steps", "optim.decay_factor",
-    "optim.total_steps", "init_from", "init_reset", "gill_checkpoint",
+    "optim.total_steps", "init_from", "init_reset",
 )
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 #: LightningCLI options that would bypass mmgen's optimizer and stages (see parse_arguments).
@@ -173,7 +173,7 @@ class MMGenCLI(LightningCLI):
             raise ConfigError(
                 f"{ckpt_path}: not a Lightning training checkpoint (no {', '.join(map(repr, missing))}): "
                 + ("a run cannot be resumed from it; start a new one from its weights with "
-                   "mmgen.callbacks.InitFrom" if subcommand == "fit" else "give a checkpoint written by mmgen fit")
+                   "model.init_args.init_from" if subcommand == "fit" else "give a checkpoint written by mmgen fit")
             )
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
@@ -193,7 +193,7 @@ class MMGenCLI(LightningCLI):
                 f"{ckpt_path}: the model config differs from the one this checkpoint was trained with, so it "
                 f"cannot be resumed or evaluated with it: {listed}{more}. Use the checkpoint's model config "
                 f"(only {', '.join(RESUMABLE_CHANGES)} and components' dtype may change), or start a new run from its weights "
-                "(mmgen.callbacks.InitFrom)"
+                "(model.init_args.init_from)"
             )
         if diffs:
             rank_zero_warn(f"{subcommand} with {ckpt_path}: applying the changed "

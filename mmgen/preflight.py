@@ -6,7 +6,7 @@ hub client's own error for a model missing offline is a long traceback that neve
 ConfigError listing every problem:
 
 - local files and folders the model reads (``name_or_path``/``tokenizer`` that look local,
-  ``projection``, ``lavis_vit``, ``lavis_qformer``, ``init_from``, ``gill_checkpoint``);
+  ``projection``, ``lavis_vit``, ``lavis_qformer``, ``init_from``);
 - hub ids (``name_or_path``, ``tokenizer``) when the hub is offline (``HF_HUB_OFFLINE=1``): each
   must be in the local hub cache. Online, the hub itself answers, with the id in its message;
 - the data section's input paths: init arguments named ``*_tsv``, ``*_json``, ``*_jsonl``,
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mmgen.errors import ConfigError
 
-_MODEL_FILES = ("projection", "lavis_vit", "lavis_qformer", "init_from", "gill_checkpoint")
+_MODEL_FILES = ("projection", "lavis_vit", "lavis_qformer", "init_from")
 _MODEL_SOURCES = ("name_or_path", "tokenizer")
 _DATA_SUFFIXES = ("_tsv", "_json", "_jsonl", "_file", "_path", "_dir", "_mapping")
 

@@ -8,10 +8,9 @@
 A folder holds::
 
     config.yaml          the model's config: {class_path, init_args}, as LightningCLI parsed it,
-                         without the training run's own files (``init_from``, ``gill_checkpoint``:
-                         their tensors are in model.safetensors), so a copy loads anywhere
+                         without the training run's own files (``init_from``: its tensors are
+                         in model.safetensors), so a copy loads anywhere
     model.safetensors    the trained tensors only, keyed as in mmgen's checkpoints' state_dict
-                         (a nested method's too: the decision stage's GILL)
     adapter/<component>/ the LLM's peft adapter (LoRA, token rows) in peft's own format, with
                          ``base_model_name_or_path`` naming the LLM, for use outside mmgen
     tokenizer/<component>/ the LLM's tokenizer with the method's added tokens ([RET], [IMG0], ...)
@@ -32,7 +31,7 @@ builds them from there (offline where they are cached or local). Weights are che
 the exact key set, each shape and dtype, with errors naming the key; a damaged file is refused
 before anything is copied into the model. ``mmgen convert`` writes the same folders from the
 official FROMAGe, GILL and MiniGPT-5 releases, and ``mmgen export`` from a Lightning checkpoint;
-``mmgen.callbacks.InitFrom`` starts a ``mmgen fit`` from one. docs/weights.md has the details.
+a method's ``init_from`` starts a ``mmgen fit`` from one. docs/weights.md has the details.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ ADAPTER_DIR = "adapter"
 TOKENIZER_DIR = "tokenizer"
 #: Init arguments that name files of the training run. A folder holds their tensors, so its
 #: config drops them (a copy elsewhere would otherwise look for the run's checkpoints).
-RUN_FILES = ("init_from", "gill_checkpoint")
+RUN_FILES = ("init_from",)
 
 
 # -- what a folder stores ----------------------------------------------------------------------
@@ -81,15 +80,11 @@ def model_config(model) -> dict:
 def weight_names(model) -> list[str]:
     """Names of the tensors a pretrained folder stores: the method's grouped parameters
     (``parameter_groups()``), trained in this run or not (MiniGPT-5's stage 2 freezes its stage-1
-    ``fc``, which is still part of the trained model), and those of any method nested in it (the
-    decision stage's frozen GILL, which its config would otherwise load from ``gill_checkpoint``)."""
+    ``fc``, GILL's decision stage everything but the decision module: both are still part of the
+    trained model)."""
     if not hasattr(model, "trainable_state_keys"):
         return sorted(name for name, p in model.named_parameters() if p.requires_grad)
-    names = set(model.trainable_state_keys())
-    for prefix, child in model.named_modules():
-        if prefix and hasattr(child, "trainable_state_keys"):  # a method inside the method
-            names |= {f"{prefix}.{name}" for name in child.trainable_state_keys()}
-    return sorted(names)
+    return sorted(model.trainable_state_keys())
 
 
 def portable_config(config: dict) -> dict:
@@ -246,7 +241,7 @@ def _model_card(config, state, adapters, random_parts, notes) -> str:
         f"`{TOKENIZER_DIR}/` holds the LLM's tokenizer with the method's added tokens; `{ADAPTER_DIR}/` "
         "its peft adapter (`peft.PeftModel.from_pretrained(base_model, folder)`).", "",
         "Continue training: `mmgen fit --model path/to/this/folder/config.yaml --data ... "
-        "--trainer.callbacks+=mmgen.callbacks.InitFrom --trainer.callbacks.path=path/to/this/folder`.", "",
+        "--model.init_args.init_from=path/to/this/folder`.", "",
     ]
     return "\n".join(lines)
 
@@ -418,7 +413,6 @@ def load_weights_into(model, state: dict[str, torch.Tensor], source: str, allow_
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
-    model._loaded_weights_from = source  # a stage that needs trained tensors checks for it (GILLDecisionStage)
     return missing
 
 
@@ -442,10 +436,11 @@ def load_pretrained(name_or_path: str | Path, allow_modules: tuple[str, ...] = (
     return model.eval()
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
-    """A Lightning checkpoint of an mmgen run -> a pretrained folder. The model is rebuilt from
-    the config the checkpoint stores (backbones load from their sources) and filled with its
-    tensors; tensors a stage did not checkpoint must come from the config's ``init_from``."""
+def model_from_checkpoint(ckpt_path: str | Path):
+    """The model of a Lightning checkpoint of an mmgen run, rebuilt from the config it stores and
+    filled with its trained tensors: (model, its config, the checkpoint, names that came from the
+    config's ``init_from`` instead). The run's own files are read only when the checkpoint lacks
+    tensors: the previous stage's checkpoint may no longer exist where the run found it."""
     from mmgen.checkpoints import load_checkpoint
 
     ckpt_path = Path(ckpt_path)
@@ -455,18 +450,22 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
     hparams.pop("_instantiator", None)
     config = {"class_path": class_path, "init_args": hparams}
     source = f"{ckpt_path} (its stored model config)"
-    # Built without the run's files first: a checkpoint normally holds every stored tensor, and
-    # the previous stage's checkpoint may no longer exist where the run found it.
     model = build_model(portable_config(config), source)
     model.configure_model()
     from_run_files = bool(set(weight_names(model)) - set(checkpoint["state_dict"])) and config != portable_config(config)
-    if from_run_files:  # tensors the checkpoint lacks come from init_from / gill_checkpoint after all
+    if from_run_files:  # tensors the checkpoint lacks come from init_from after all
         model = build_model(config, source)
         model.configure_model()
     missing = load_weights_into(model, checkpoint["state_dict"], str(ckpt_path), allow_missing=from_run_files)
-    notes = f"Exported from the Lightning checkpoint `{ckpt_path.name}` (global step {checkpoint.get('global_step')})."
+    return model, config, checkpoint, missing
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
+    """A Lightning checkpoint of an mmgen run -> a pretrained folder (:func:`model_from_checkpoint`)."""
+    model, config, checkpoint, missing = model_from_checkpoint(ckpt_path)
+    notes = f"Exported from the Lightning checkpoint `{Path(ckpt_path).name}` (global step {checkpoint.get('global_step')})."
     if missing:
-        notes += f" {len(missing)} tensors not in the checkpoint come from {', '.join(k for k in RUN_FILES if hparams.get(k))}."
+        notes += f" {len(missing)} tensors not in the checkpoint come from its init_from."
     return save_pretrained(model, out, config=config, card_notes=notes)
 
 

@@ -55,21 +55,22 @@ def test_every_tensor_arrives_with_equal_values(tmp_path):
     assert torch.equal(params["visual_prefix.proj.bias"], state["model.visual_embeddings.bias"].float())
     assert torch.equal(params[IMG_ROWS], state["model.input_embeddings.weight"].float())
     assert torch.equal(model.llm.embed(torch.tensor(model.img_ids)), state["model.input_embeddings.weight"].float())
-    assert {k for k, _ in conversion.placed} == set(state) and not conversion.reported
-    # every trained tensor of the GILL model has a source
-    assert len(conversion.placed) == len({n for n, p in model.named_parameters() if p.requires_grad})
+    assert {k for k, _ in conversion.placed} == set(state) | {f"decision_model.pth.tar: {k}" for k in decision_state}
+    assert not conversion.reported
+    # every trained tensor of the GILL model and its decision module has a source
+    assert len(conversion.placed) == len(model.trainable_state_keys()) == len(set(state)) + 2
+    assert torch.equal(model.decision_head.head[1].weight, decision_state["1.weight"])
 
     reloaded = dict(load_pretrained(tmp_path / "out").named_parameters())
     assert torch.equal(reloaded[IMG_ROWS], state["model.input_embeddings.weight"].float())
-    stage = load_pretrained(tmp_path / "out" / "decision")
-    assert torch.equal(stage.decision_head.head[1].weight, decision_state["1.weight"])
-    assert torch.equal(stage.gill.gen_mapper.query_embs, state["model.gen_text_hidden_fcs.0.query_embs"].float())
+    assert torch.equal(reloaded["decision_head.head.1.weight"], decision_state["1.weight"])  # one folder
+    assert not (tmp_path / "out" / "decision").exists()
 
 
 def test_release_without_decision_model(tmp_path):
     write_release(tmp_path / "release", decision=False)
     model, conversion = convert("gill", tmp_path / "release", config=CONFIG)
-    assert getattr(conversion, "decision", None) is None
+    assert model.decision_head is None and "decision_head" not in model.parameter_groups()
 
 
 def test_damaged_or_unknown_decision_model_is_refused(tmp_path):
@@ -96,8 +97,7 @@ def test_weights_file_and_decision_model_by_path(tmp_path):
     (tmp_path / "release" / "decision_model.pth.tar").rename(tmp_path / "elsewhere" / "decision.pth.tar")
     model, conversion = convert("gill", tmp_path / "release" / "pretrained_ckpt.pth.tar", config=CONFIG,
                                 decision=tmp_path / "elsewhere" / "decision.pth.tar")
-    stage, _, _ = conversion.decision
-    assert torch.equal(stage.decision_head.head[1].weight, decision_state["1.weight"])
+    assert torch.equal(model.decision_head.head[1].weight, decision_state["1.weight"])
     # [IMG0..7] found by token: the rows the LLM reads for them are the release's
     ids = torch.tensor([model.llm.token_id(f"[IMG{i}]") for i in range(R)])
     assert torch.equal(model.llm.embed(ids), state["model.input_embeddings.weight"].float())

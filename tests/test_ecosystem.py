@@ -208,9 +208,9 @@ def test_run_files_are_not_in_a_folders_config():
     from mmgen.pretrained import portable_config
 
     config = {"class_path": "MiniGPT5", "init_args": {"init_from": "/runs/stage1/last.ckpt", "init_reset": ["adapter"],
-                                                     "gill": {"init_args": {"gill_checkpoint": "/runs/g.ckpt"}}}}
+                                                     "mapper": {"init_args": {"init_from": "/runs/m.ckpt"}}}}
     assert portable_config(config) == {"class_path": "MiniGPT5", "init_args": {
-        "init_from": None, "init_reset": ["adapter"], "gill": {"init_args": {"gill_checkpoint": None}}}}
+        "init_from": None, "init_reset": ["adapter"], "mapper": {"init_args": {"init_from": None}}}}
 
 
 def _hub_cache(tmp_path, repo_id: str, folder: Path) -> Path:
@@ -439,18 +439,28 @@ def test_a_tiny_fit_and_a_dry_run_emit_no_unactionable_warning(tmp_path, monkeyp
 
 
 # -- item: stages and tiny configs ---------------------------------------------------------------------
-def test_decision_stage_refuses_an_untrained_gill(tmp_path, monkeypatch):
+def test_decision_stage_starts_from_a_gill_folder_and_refuses_nothing_to_start_from(tmp_path, monkeypatch):
+    import yaml
+
     from mmgen.cli import main
     from mmgen.errors import ConfigError
+    from mmgen.pretrained import build_model, save_pretrained
 
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(ROOT / "configs/gill_decision_tiny.yaml"), "--trainer.logger=false",
             "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
             "--data.init_args.train_file=" + str(ROOT / "configs/data/decision_prompts_toy.tsv")]
-    with pytest.raises(ConfigError, match="gill_checkpoint"):
+    with pytest.raises(ConfigError, match="init_from"):
         main(args)
-    cli = main(args + ["--model.init_args.allow_untrained_gill=true"])  # asked for explicitly
+    gill = build_model(yaml.safe_load(open(ROOT / "configs/gill_tiny.yaml"))["model"])
+    gill.configure_model()
+    with torch.no_grad():
+        gill.gen_mapper.fc.weight.add_(1.0)  # "trained"
+    with pytest.warns(UserWarning, match="random frozen weights"):
+        save_pretrained(gill, tmp_path / "gill")
+    cli = main(args + [f"--model.init_args.init_from={tmp_path / 'gill'}"])  # a pretrained folder
     assert cli.trainer.global_step == 1
+    assert torch.equal(cli.model.gen_mapper.fc.weight, gill.gen_mapper.fc.weight)
 
 
 def test_stage2_with_prefix_tuning_starts_from_a_lora_stage1(tmp_path):

@@ -82,46 +82,71 @@ def test_decision_prompt_file(tmp_path):
 
 
 def test_decision_stage(tmp_path, gill_run):
-    from mmgen.cli import build_cli
+    """A stage of GILL: the GILL run's tensors come in through init_from, only the decision module
+    trains (requires_grad, optimizer), and its checkpoint holds the whole trained GILL."""
+    from mmgen.cli import build_cli, main
 
     (ckpt,) = gill_run.glob("lightning_logs/version_*/checkpoints/last.ckpt")
-    cli = build_cli([
-        "--config", "configs/gill_decision_tiny.yaml", "--trainer.logger=false",
-        f"--model.init_args.gill_checkpoint={ckpt}", f"--data.init_args.val_file={tmp_path / '.cache' / 'val.tsv'}",
-    ], run=False)
-    stage = cli.model
-    stage.configure_model()
-    assert stage.trainable_state_keys() == {"decision_head.head.1.weight", "decision_head.head.1.bias"}
+    args = ["--config", "configs/gill_decision_tiny.yaml", f"--model.init_args.init_from={ckpt}",
+            f"--data.init_args.val_file={tmp_path / '.cache' / 'val.tsv'}"]
+    cli = build_cli(args + ["--trainer.logger=false"], run=False)
+    model = cli.model
+    cli.trainer.strategy.connect(model)
+    cli.trainer.callbacks[0].setup(cli.trainer, model, "fit")  # TrainingStages: the decision stage
+    model.configure_model()
+    assert model.deciding
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"decision_head.head.1.weight", "decision_head.head.1.bias"}
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    loaded = stage.gill.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in saved.items())  # the GILL run's weights
-    assert stage.gill.image_generator.text_encoder is None  # not needed here
+    loaded = model.state_dict()
+    assert saved and all(torch.equal(loaded[k], v) for k, v in saved.items())  # the GILL run's weights
+    assert model.image_generator.text_encoder is None  # not needed here
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.decision_head.parameters()}
 
     data: DecisionPromptDataModule = cli.datamodule
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    frozen = {k: v.clone() for k, v in stage.gill.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=0.05)
-    stage.train()
-    stage.decision_head.eval()  # no dropout: a deterministic check that it learns
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("decision_head")}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    assert not model.llm.training and model.decision_head.training  # frozen GILL: no dropout there
+    model.decision_head.eval()  # no dropout: a deterministic check that it learns
     losses = []
     for _ in range(15):
-        loss = torch.nn.functional.cross_entropy(stage.logits(batch["prompts"]), batch["labels"])
+        loss = model.decision_losses(batch)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
-    assert all(torch.equal(frozen[k], v) for k, v in stage.gill.state_dict().items())
-    assert set(stage.decide(batch["prompts"][:3])) <= {"retrieve", "generate"}
+    assert all(torch.equal(frozen[k], v) for k, v in model.state_dict().items() if k in frozen)
+    assert set(model.decide(batch["prompts"][:3])) <= {"retrieve", "generate"}
+
+    # `mmgen fit`: a few steps; the checkpoint is a whole GILL with its decision module
+    root = tmp_path / "run"
+    main(["fit", *args, "--trainer.max_steps=3", "--trainer.max_epochs=1", f"--trainer.default_root_dir={root}",
+          f"--trainer.logger.init_args.save_dir={root}", "--trainer.num_sanity_val_steps=0"])
+    (decision_ckpt,) = root.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    keys = set(torch.load(decision_ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    assert keys == set(saved) | {"decision_head.head.1.weight", "decision_head.head.1.bias"}
+    from mmgen.inference.api import load_checkpoint
+
+    answering = load_checkpoint(decision_ckpt)  # without the GILL run's file: all tensors are in it
+    assert answering.decision_head is not None and answering.stage is None
 
 
-def test_decision_stage_rejects_another_models_checkpoint(tmp_path):
+def test_decision_stage_refuses_an_untrained_gill_or_another_models_checkpoint(tmp_path):
     from mmgen.cli import build_cli
 
+    def configured(*extra):
+        cli = build_cli(["--config", "configs/gill_decision_tiny.yaml", "--trainer.logger=false", *extra], run=False)
+        cli.trainer.callbacks[0].setup(cli.trainer, cli.model, "fit")
+        cli.model.configure_model()
+
+    with pytest.raises(ConfigError, match="init_from"):
+        configured()
     bogus = tmp_path / "bogus.ckpt"
     torch.save({"state_dict": {"visual_prefix.proj.weight": torch.zeros(1)}}, bogus)
-    cli = build_cli(["--config", "configs/gill_decision_tiny.yaml", "--trainer.logger=false",
-                     f"--model.init_args.gill_checkpoint={bogus}"], run=False)
     with pytest.raises(ConfigError, match="bogus.ckpt"):
-        cli.model.configure_model()
+        configured(f"--model.init_args.init_from={bogus}")

@@ -241,21 +241,19 @@ def test_gill_decision_module_chooses_what_runs(gill, gill_index, monkeypatch, b
     assert kinds(answer)[1] == {"retrieve": "RetrievedImage", "generate": "GeneratedImage"}[forced]
 
 
-def test_gill_decision_stage_answers_with_its_decision_module(monkeypatch):
+def test_gill_answers_auto_with_its_own_decision_module():
     from mmgen.components.decision_head import DecisionHead
-    from mmgen.methods.gill_decision import GILLDecisionStage
 
     torch.manual_seed(0)
-    stage = GILLDecisionStage(tiny_gill(), decision_head=DecisionHead(dropout=0.0))
-    stage.configure_model()
-    stage.eval()
+    gill = tiny_gill(decision_head=DecisionHead(dropout=0.0))
+    gill.configure_model()
+    gill.eval()
     with torch.no_grad():
-        stage.decision_head.head[1].weight.zero_()
-        stage.decision_head.head[1].bias.copy_(torch.tensor([10.0, -10.0]))  # generate
-    # the stage never loaded UNet/VAE for training: generation builds them on first use
-    assert stage.gill.image_generator.unet is None
-    answer = stage.answer([["a red circle"]], max_new_tokens=16, num_inference_steps=2,
-                          logits_processors=[Script(gill_script(stage.gill))])[0]
+        gill.decision_head.head[1].weight.zero_()
+        gill.decision_head.head[1].bias.copy_(torch.tensor([10.0, -10.0]))  # generate
+    assert gill.image_generator.unet is None  # generation builds UNet/VAE on first use
+    answer = gill.answer([["a red circle"]], max_new_tokens=16, num_inference_steps=2,
+                         logits_processors=[Script(gill_script(gill))])[0]
     assert kinds(answer) == ["TextPart", "GeneratedImage", "TextPart"]
 
 

@@ -1,5 +1,5 @@
 """Pretrained folders: save/reload round trip with identical outputs, checks on load, export of a
-Lightning checkpoint, and `mmgen fit` started from a folder (InitFrom)."""
+Lightning checkpoint, and `mmgen fit` started from a folder (init_from)."""
 
 import copy
 
@@ -129,7 +129,7 @@ def test_export_a_lightning_checkpoint(trained, tmp_path):
 
 
 def test_fit_starts_from_a_pretrained_folder(tmp_path):
-    """`mmgen fit` + InitFrom: the first step sees the folder's tensors (lr 0 keeps them)."""
+    """`mmgen fit` + init_from: the first step sees the folder's tensors (lr 0 keeps them)."""
     config = yaml.safe_load(open("configs/fromage_tiny.yaml"))["model"]
     model = build_model(config)
     model.configure_model()
@@ -143,7 +143,7 @@ def test_fit_starts_from_a_pretrained_folder(tmp_path):
         "fit", "--config", "configs/fromage_tiny.yaml", f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
         "--trainer.num_sanity_val_steps=0",
-        "--trainer.callbacks+=mmgen.callbacks.InitFrom", f"--trainer.callbacks.path={tmp_path / 'init'}",
+        f"--model.init_args.init_from={tmp_path / 'init'}",
         f"--data.root={tmp_path / 'toy'}", "--data.n_train=16", "--data.n_val=16",
         "--model.init_args.optim.lr=0", "--model.init_args.rescale_new_rows=false",
     ])

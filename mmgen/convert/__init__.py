@@ -188,10 +188,7 @@ class Conversion:
         from mmgen.pretrained import weight_names
 
         params = dict(self.model.named_parameters())
-        # a release fills the method's own tensors; a nested method's (the decision stage's GILL)
-        # come from its own conversion
-        names = self.model.trainable_state_keys() if hasattr(self.model, "trainable_state_keys") else weight_names(self.model)
-        self.targets = {n: params[n] for n in sorted(names)}
+        self.targets = {n: params[n] for n in weight_names(self.model)}
 
     def _check(self, key: str, tensor: torch.Tensor, target: str, shape: tuple) -> None:
         if target not in self.targets:
@@ -345,6 +342,4 @@ def convert(release: str, path: str | Path, out: str | Path | None = None, confi
     if out is not None:
         notes = f"Converted by `mmgen convert {release}` from the official release in `{path}`.\n\n" + "```\n" + conversion.summary() + "\n```"
         save_pretrained(model, out, config=config, card_notes=notes)
-        if release == "gill":
-            module.save_decision(conversion, out)
     return model, conversion

@@ -1,5 +1,5 @@
-"""The official GILL release -> mmgen's GILL and its decision stage (table in
-docs/weights.md).
+"""The official GILL release -> mmgen's GILL, with its decision module when the release has one
+(table in docs/weights.md).
 
 Release folder: ``model_args.json``, ``pretrained_ckpt.pth.tar`` (bf16) and, optionally,
 ``decision_model.pth.tar`` (saved on a GPU; read with map_location="cpu"). ``--release`` may also
@@ -17,9 +17,8 @@ are not beside it. A leading ``module.`` (DataParallel) on a key is ignored.
                                                 official one, also has the frozen <|image|>)
     decision_model.pth.tar 1.{weight,bias}   -> decision_head.head.1.{weight,bias}    (2, d), (2,)
 
-The GILL model is written to ``out``; with a decision model, a GILLDecisionStage folder is
-written to ``out/decision``, holding the GILL's trained tensors beside the decision module's (a
-folder of its own, no ``gill_checkpoint``).
+With a decision model the GILL gets a ``decision_head`` (``DecisionHead``, dropout 0.5 as the
+official code) holding it, and answers in mode "auto" ask it; one folder holds both.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ DIRECT = {
 MAPPER_PREFIX = ("model.gen_text_hidden_fcs.0.", "gen_mapper.")
 IMG_ROWS = "model.input_embeddings.weight"
 DECISION = {"1.weight": "decision_head.head.1.weight", "1.bias": "decision_head.head.1.bias"}
+DECISION_HEAD = {"class_path": "mmgen.components.decision_head.DecisionHead", "init_args": {"dropout": 0.5}}
 
 
 def default_config(args: dict, llm: str | None = None, visual_encoder: str | None = None,
@@ -84,8 +84,8 @@ def convert(release: str | Path, config: dict | None = None, model_args: str | P
             decision: str | Path | None = None, llm: str | None = None, visual_encoder: str | None = None,
             generator: str | None = None, dtype: str | None = None):
     """Returns (configured GILL holding the release's tensors, its config, Conversion). With a
-    decision model (``decision``, or decision_model.pth.tar beside the weights), the
-    Conversion's ``decision`` is (GILLDecisionStage, config, its Conversion)."""
+    decision model (``decision``, or decision_model.pth.tar beside the weights), the GILL has a
+    ``decision_head`` holding it."""
     from mmgen.pretrained import build_model
 
     weights, args_path = release_paths(release, model_args, WEIGHTS_FILES)
@@ -98,6 +98,8 @@ def convert(release: str | Path, config: dict | None = None, model_args: str | P
         config = default_config(args, llm, visual_encoder, generator, dtype)
     else:
         config = set_backbones(config, llm=llm, visual_encoder=visual_encoder, image_generator=generator, dtype=dtype)
+    if decision_state is not None and not config["init_args"].get("decision_head"):
+        config = {**config, "init_args": {**config["init_args"], "decision_head": DECISION_HEAD}}
     model = build_model(config)
     model.configure_model()
     check_args(args, model)
@@ -117,52 +119,12 @@ def convert(release: str | Path, config: dict | None = None, model_args: str | P
         rows = token_rows(model, [f"[IMG{i}]" for i in range(model.n_img_tokens)])  # by token, not position
         for target in token_row_params(model).values():  # input rows; an untied LM head's too
             conversion.place_rows(IMG_ROWS, state[IMG_ROWS], target, rows)
-    stage = None
-    if decision_state is not None:  # checked in full before anything is copied
-        stage = _decision_stage(config, model, decision_state, decision_path)
-    conversion.apply({weights.name: list(state) + [k for k, _ in duplicates]})
-    if stage is not None:
-        stage[2].apply({decision_path.name: list(decision_state)})
-        conversion.decision = stage
+    sources = {weights.name: list(state) + [k for k, _ in duplicates]}
+    if decision_state is not None:
+        for key, tensor in decision_state.items():
+            if key not in DECISION:
+                raise ConfigError(f"{decision_path}: key {key!r} has no place in the decision module (nothing was loaded)")
+            conversion.place(f"{decision_path.name}: {key}", tensor, DECISION[key])
+        sources[decision_path.name] = [f"{decision_path.name}: {k}" for k in decision_state]
+    conversion.apply(sources)
     return model, config, conversion
-
-
-def _decision_stage(gill_config: dict, gill, state: dict, path: Path):
-    """A GILLDecisionStage around a GILL built from the same config, with the decision tensors
-    planned (not yet copied)."""
-    from mmgen.pretrained import build_model
-
-    config = {"class_path": "mmgen.methods.gill_decision.GILLDecisionStage",
-              "init_args": {"gill": gill_config, "gill_checkpoint": None}}
-    stage = build_model(config)
-    stage.gill = gill  # the converted GILL itself: no second copy of the backbones
-    trained = [p for p in gill.parameters() if p.requires_grad]
-    stage.configure_model()  # freezes the GILL: the stage's own tensors are the decision head's
-    conversion = Conversion(stage, str(path))
-    for param in trained:  # the GILL model is still saved as a model of its own
-        param.requires_grad_(True)
-    for key, tensor in state.items():
-        if key not in DECISION:
-            raise ConfigError(f"{path}: key {key!r} has no place in the decision module (nothing was loaded)")
-        conversion.place(key, tensor, DECISION[key])
-    return stage, config, conversion
-
-
-def save_decision(conversion: Conversion, out: str | Path) -> Path | None:
-    """Write the decision stage (if the release had one) to ``out/decision``."""
-    from mmgen.pretrained import save_pretrained
-
-    if getattr(conversion, "decision", None) is None:
-        return None
-    stage, config, decision_conversion = conversion.decision
-    folder = Path(out) / "decision"
-    folder.mkdir(parents=True, exist_ok=True)
-    # the folder holds the converted GILL's tensors too (mmgen.pretrained.weight_names): no gill_checkpoint
-    trained = [p for p in stage.gill.parameters() if p.requires_grad]
-    stage.gill.requires_grad_(False)  # as the stage trains: the decision head only
-    try:
-        return save_pretrained(stage, folder, config=config,
-                               card_notes="```\n" + decision_conversion.summary() + "\n```")
-    finally:
-        for param in trained:
-            param.requires_grad_(True)

@@ -59,25 +59,10 @@ def load_model(source: str | Path, device: str | torch.device | None = None):
 
 def load_checkpoint(path: str | Path):
     """The model of a Lightning checkpoint of ``mmgen fit``: rebuilt from the config it stores,
-    filled with its trained tensors (tensors a stage did not save come from ``init_from``)."""
-    from mmgen.pretrained import build_model, load_weights_into
+    filled with its trained tensors (``mmgen.pretrained.model_from_checkpoint``)."""
+    from mmgen.pretrained import model_from_checkpoint
 
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle/zip errors of a truncated or foreign file
-        raise ConfigError(f"{path}: not a readable checkpoint (truncated or damaged?): {error}") from error
-    hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
-    if "_class_path" not in hparams or "state_dict" not in checkpoint:
-        raise ConfigError(f"{path}: not a checkpoint of mmgen fit (it stores no model config)")
-    class_path = hparams.pop("_class_path")
-    hparams.pop("_instantiator", None)
-    model = build_model({"class_path": class_path, "init_args": hparams})
-    model.configure_model()
-    # tensors a stage did not checkpoint come from its init_from / gill_checkpoint (loaded by configure_model)
-    load_weights_into(model, checkpoint["state_dict"], str(path),
-                      allow_missing=bool(hparams.get("init_from") or hparams.get("gill_checkpoint")))
-    return model.eval()
+    return model_from_checkpoint(path)[0].eval()
 
 
 def load_index(source, model=None, backend: str = "exact"):

@@ -64,9 +64,8 @@ def check_mode(model, mode: str, index) -> None:
     retrieval without an index, or FROMAGe asked to generate: the method's own check."""
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, not {mode!r}")
-    method = getattr(model, "gill", model)  # GILLDecisionStage answers through its GILL
-    if hasattr(method, "check_mode"):
-        method.check_mode(mode, index)
+    if hasattr(model, "check_mode"):
+        model.check_mode(mode, index)
 
 
 def modes_of(model) -> list[str]:

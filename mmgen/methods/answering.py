@@ -125,7 +125,7 @@ class AnswersConversations:
         """Answer each conversation (a list of str / ``ImageRef`` / PIL parts) with text,
         retrieved and generated images, in one batch. Decoding options left None take the
         method's defaults (``decoding_defaults``); ``mode`` says which images GILL makes
-        ("auto": its decision module, ``decision_head``, which ``GILLDecisionStage`` passes);
+        ("auto": a decision module, ``decision_head``, by default the model's own);
         ``index`` is a ``RetrievalIndex`` for retrieval. docs/inference.md lists the options."""
         from mmgen.inference.engine import DecodingOptions, decode
 
@@ -154,7 +154,7 @@ class AnswersConversations:
                 for hit in decoded.prompt_hits[row] + decoded.hits[row]]
         context = AnswerContext(conversations, index, mode,
                                 ImageOptions(guidance_scale, num_inference_steps, scheduler, seed),
-                                {"decision_head": decision_head})
+                                {"decision_head": decision_head or getattr(self, "decision_head", None)})
         images = self.images_for_hits(flat, context) if flat else []
         by_hit = {id(hit): parts for (_, hit), parts in zip(flat, images)}
         return [self._assemble(tokens, hits, prompt_hits, groups, options.stop_strings, by_hit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -11,6 +12,7 @@ from mmgen import sharding  # registers the "fsdp_backbones" strategy with Light
 from mmgen.errors import ConfigError
 from mmgen.methods.losses import gather_keeping_local_grad, infonce_terms, scale_gradient
 from mmgen.methods.optim import Optim, build_optimizer
+from mmgen.methods.stages import Stage
 from mmgen.methods.trainability import ParamGroup
 from mmgen.registry import Component, Registered
 
@@ -20,11 +22,16 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
 
     Subclasses receive their components in ``__init__`` (cheap: nothing loads there) and build
     them in ``configure_model``, which Lightning calls once the strategy is set up (and
-    ``load_from_checkpoint`` calls before loading weights). Checkpoints hold trainable
-    parameters only; frozen backbones come from their own configs.
+    ``load_from_checkpoint`` calls before loading weights), ending it with
+    :meth:`finish_configure`. Checkpoints hold trainable parameters only; frozen backbones come
+    from their own configs.
+
+    Every method starts from trained weights the same way, ``init_from`` (with ``init_reset``),
+    and trains the parameter groups its run's stage names (``self.stage``, set by the
+    ``mmgen.methods.stages.TrainingStages`` callback; None: the method's default groups).
     """
 
-    def __init__(self, optim: Optim | None = None):
+    def __init__(self, optim: Optim | None = None, init_from: str | None = None, init_reset: Sequence[str] = ()):
         super().__init__()
         # Records every subclass's init arguments; under LightningCLI they are stored as the
         # config that built them, so load_from_checkpoint can rebuild the components.
@@ -32,6 +39,10 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")  # dropped
             self.save_hyperparameters()  # from checkpoints in on_save_checkpoint
         self.optim = optim or Optim()
+        self.init_from = init_from
+        self.init_reset = list(init_reset)
+        self.stage: Stage | None = None  # set by the TrainingStages callback before configure_model
+        self._applied_stage: Stage | None = None
         # Checkpoints omit frozen weights, so loading is non-strict; on_load_checkpoint checks
         # that exactly the trainable parameters are present instead.
         self.strict_loading = False
@@ -122,17 +133,93 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
 
     # -- what trains: declared once (mmgen.methods.trainability) ---------------------------------
     def parameter_groups(self) -> dict[str, ParamGroup]:
-        """Every parameter training may change, by named group (built model only)."""
+        """Every parameter training may change, by named group (built model only). Methods
+        return their groups through :meth:`staged`, so the run's stage decides which train."""
         raise NotImplementedError
+
+    def staged(self, groups: dict[str, ParamGroup]) -> dict[str, ParamGroup]:
+        """``groups`` as the run's stage trains them: its groups train, at its learning-rate
+        multipliers, and the others are frozen. Without a stage: as the method declared them."""
+        if self.stage is not None:
+            unknown = (set(self.stage.train) | set(self.stage.lr_scale)) - set(groups)
+            if unknown:
+                raise ConfigError(f"training stage {self.stage.name!r} names groups {sorted(unknown)} that "
+                                  f"{type(self).__name__} does not have; its groups are {sorted(groups)}")
+            for name, group in groups.items():
+                group.train = name in self.stage.train
+                group.lr_scale = self.stage.lr_scale.get(name, 1.0)
+        return groups
 
     def apply_trainability(self) -> None:
         """``requires_grad`` from :meth:`parameter_groups`: the grouped parameters of training
-        groups, nothing else. Methods call it at the end of ``configure_model``, before any
-        strategy wraps the model."""
+        groups, nothing else."""
         self.requires_grad_(False)
         for group in self.parameter_groups().values():
             for param in group.params:
                 param.requires_grad_(group.train)
+        self._applied_stage = self.stage
+
+    def apply_stage(self, stage: Stage | None) -> None:
+        """Train as ``stage`` says (None: the method's default groups), on a built model, before
+        any strategy wraps it. ``TrainingStages`` sets the stage before the model is built."""
+        previous, self.stage = self.stage, stage
+        try:
+            self.apply_trainability()
+        except ConfigError:  # a stage naming groups this method lacks: the model keeps its stage
+            self.stage = previous
+            raise
+
+    def finish_configure(self) -> None:
+        """The last step of every method's ``configure_model``, once its components are built:
+        the trained tensors of ``init_from``, then ``requires_grad`` from the groups and the
+        run's stage. Both happen before any strategy wraps the model, so DDP sees the final
+        trainable set."""
+        from mmgen.components.hub import random_weights_requested
+
+        if self.init_from and not random_weights_requested(False):  # dry runs build random weights
+            self.load_initial_weights(self.init_from, self.init_reset)
+        self.apply_trainability()
+
+    def load_initial_weights(self, path: str, reset: Sequence[str] = ()) -> None:
+        """Copy the trained tensors of ``path`` into this model: a Lightning checkpoint of an
+        mmgen run, a pretrained folder (``save_pretrained``, ``mmgen export``/``convert``) or a
+        ``.safetensors`` file. Every tensor of every group not in ``reset`` must be there with
+        its shape; the ``reset`` groups keep their fresh initialisation; a tensor with no place
+        in this model is refused. Nothing is copied until everything is checked.
+
+        Names are matched through peft's wrappers, which differ by adapter kind (a stage-1
+        MiniGPT-5 with LoRA, a stage 2 with prefix tuning). With ``"adapter"`` in ``reset``,
+        the source's adapter tensors of another kind are dropped, not merged."""
+        from mmgen.pretrained import read_weights
+
+        state = read_weights(path)  # weights-only; names the file on any fault
+        params = dict(self.named_parameters())
+        names = {id(p): n for n, p in params.items()}
+        groups = {g: {names[id(p)] for p in group.params} for g, group in self.parameter_groups().items()}
+        unknown = sorted(set(reset) - set(groups))
+        if unknown:
+            raise ConfigError(f"init_reset names groups {unknown} that {type(self).__name__} does not have; "
+                              f"its groups are {sorted(groups)}")
+        own = {_unwrapped_name(n): n for n in set().union(*groups.values())}
+        state = {(k if k in params else own.get(_unwrapped_name(k), k)): v for k, v in state.items()}
+        if "adapter" in reset:
+            state = {k: v for k, v in state.items() if k in params or not k.startswith("llm.")}
+        keep = set().union(*(groups[g] for g in groups if g not in reset))
+        unexpected = sorted(set(state) - set().union(*groups.values()))
+        missing = sorted(keep - set(state))
+        if unexpected or missing:
+            absent = sorted(g for g in groups if g not in reset and groups[g] & set(missing))
+            raise ConfigError(
+                f"{path} does not fit this {type(self).__name__} (init_from): unexpected {unexpected[:6]}, "
+                f"missing {missing[:6]}" + (f" (groups {absent}: list a group in init_reset to start it fresh)"
+                                            if absent else ""))
+        for name in sorted(keep):
+            if tuple(state[name].shape) != tuple(params[name].shape):
+                raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, this model's is "
+                                  f"{tuple(params[name].shape)} (a checkpoint of another model config?)")
+        with torch.no_grad():
+            for name in sorted(keep):
+                params[name].copy_(state[name])
 
     def check_sequence_length(self, length: int, what: str) -> None:
         """ConfigError when sequences of ``length`` tokens cannot fit the LLM's position table
@@ -147,6 +234,14 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
             )
 
     def configure_optimizers(self):
+        if self.stage is not self._applied_stage:  # a stage switch within one run (TrainingStages)
+            if self._trainer is not None and self.trainer.world_size > 1:
+                raise ConfigError(
+                    f"switching to stage {self.stage.name!r} within a multi-process run: DDP fixed the "
+                    "trainable parameters when it wrapped the model. Run each stage with its own config "
+                    "(the next stage's `init_from` names the previous checkpoint)"
+                )
+            self.apply_trainability()
         return build_optimizer(self.parameter_groups(), self.optim, self._run_length())
 
     def _run_length(self) -> int:
@@ -342,3 +437,11 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         for name, value in losses.items():
             self.log(f"{stage}/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size,
                      sync_dist=stage != "train")
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter's name without peft's wrappers, which differ by adapter kind
+    (``llm.model.base_model.model.model.embed_tokens.token_adapter.x`` under LoRA,
+    ``llm.model.base_model.model.embed_tokens.x`` under prefix tuning) -> ``embed_tokens.x``."""
+    parts = [p for p in name.split(".") if p not in ("llm", "model", "base_model", "token_adapter")]
+    return ".".join(parts)

@@ -52,6 +52,10 @@ class FROMAGe(FROMAGeAnswers, RetrievalMetrics, MultimodalLM):
         optim: AdamW and schedule (reference: lr 3e-4, betas (0.9, 0.95), no weight decay, 100
             warmup steps; gradient clipping 1.0 is the trainer's ``gradient_clip_val``).
         seed: Seed of the packing decisions (process r draws from seed + r).
+        init_from: Trained tensors to start from: a checkpoint of an mmgen run, a pretrained
+            folder or a ``.safetensors`` file (``MultimodalLM.load_initial_weights``). Ignored
+            in dry runs.
+        init_reset: Groups that keep their fresh initialisation instead.
     """
 
     def __init__(
@@ -66,8 +70,11 @@ class FROMAGe(FROMAGeAnswers, RetrievalMetrics, MultimodalLM):
         scale_contrastive_by_world: bool = True,
         optim: Optim | None = None,
         seed: int = 0,
+        init_from: str | None = None,
+        init_reset: list[str] = (),
     ):
-        super().__init__(optim or Optim(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=100))
+        super().__init__(optim or Optim(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=100),
+                         init_from, init_reset)
         self.llm = llm
         self.visual_encoder = visual_encoder
         self.visual_prefix = visual_prefix or LinearVisualPrefix(n_tokens=1)
@@ -87,16 +94,16 @@ class FROMAGe(FROMAGeAnswers, RetrievalMetrics, MultimodalLM):
         self.check_sequence_length(2 * (self.visual_prefix.n_tokens + self.max_text_length),
                                    f"packed training sequences (2 x ({self.visual_prefix.n_tokens} visual + "
                                    f"max_text_length={self.max_text_length}))")
-        self.apply_trainability()
+        self.finish_configure()
 
     def parameter_groups(self) -> dict[str, ParamGroup]:
         """The [RET] row (no weight decay: one embedding), the visual prefix and the retrieval
         projections with the temperature: 5.51M parameters at full size."""
-        return {
+        return self.staged({
             "tokens": ParamGroup(self.llm.parameter_groups()["tokens"], weight_decay=False),
             "visual_prefix": ParamGroup(list(self.visual_prefix.parameters())),
             "retrieval_head": ParamGroup(list(self.retrieval_head.parameters())),
-        }
+        })
 
     # -- the objective ---------------------------------------------------------------------------
     def caption_ids(self, caption: str) -> list[int]:

@@ -17,11 +17,18 @@ The reference runs the text-only forward twice (once as "retrieval", once as "ge
 each mode drawing its own packing coin. When both coins agree the inputs are identical and, the
 LLM being frozen, so are both forwards: one forward then serves both (CE_ret = CE_gen), which
 saves a third of the LLM work in half of the steps and all of them without packing.
+
+The decision stage (after GILL has converged; ``configs/gill_decision_tiny.yaml``) trains the
+retrieve-or-generate module alone, on labelled prompts (``mmgen.data.decision_prompts``),
+everything else frozen and loaded from the GILL run's checkpoint (``init_from``):
+
+    [BOS prompt][IMG0..7] --LLM--> h[IMG0] (b, 4096) --decision_head--> (b, 2) --> CE(label)
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mmgen.components.base import ImageGenerator, InputProjection, LLMBackbone, NewToken, OutputHead, VisualEncoder
 from mmgen.components.gill_mapper import GILLMapper
@@ -86,6 +93,14 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
             Weight decay 0: the reference sets 0.01 on pure bf16 weights, where a step's decay
             (lr x 0.01 x w) is below bf16's precision and never changes a weight.
         seed: Seed of the packing decisions (process r draws from seed + r).
+        decision_head: The retrieve-or-generate module (``DecisionHead``: Dropout(0.5) +
+            Linear(hidden, 2)), trained by the ``decision`` stage and frozen otherwise; answers
+            in mode "auto" ask it. None: no decision module.
+        init_from: Trained tensors to start from: a checkpoint of an mmgen run, a pretrained
+            folder or a ``.safetensors`` file (the decision stage: the GILL run's checkpoint).
+            Ignored in dry runs.
+        init_reset: Groups that keep their fresh initialisation (the decision stage:
+            ``decision_head``, which the GILL run did not have).
     """
 
     def __init__(
@@ -104,11 +119,14 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
         scale_contrastive_by_world: bool = True,
         optim: Optim | None = None,
         seed: int = 0,
+        decision_head: OutputHead | None = None,
+        init_from: str | None = None,
+        init_reset: list[str] = (),
     ):
         super().__init__(optim or Optim(
             lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, warmup_steps=2000,
             schedule="step", decay_steps=(10_000,), decay_factor=0.1,
-        ))
+        ), init_from, init_reset)
         if max_text_length <= n_img_tokens + 1:
             raise ConfigError(f"max_text_length={max_text_length} leaves no room for text and {n_img_tokens} [IMG] tokens")
         self.llm = llm
@@ -123,6 +141,7 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
         self.precomputed_captions = precomputed_captions
         self.rescale_new_rows = rescale_new_rows
         self.scale_contrastive_by_world = scale_contrastive_by_world
+        self.decision_head = decision_head
         self.init_training_rng(seed)
 
     def configure_model(self) -> None:
@@ -132,26 +151,80 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
         self.retrieval_head.configure(self.llm.hidden_size, self.visual_encoder.feature_dim)
         out_dim = None
         if self.image_generator is not None:
-            # Training needs at most the text encoder (the targets); UNet and VAE load when
-            # images are generated.
-            self.image_generator.configure(parts=() if self.precomputed_captions else ("text_encoder",))
+            # Training needs at most the text encoder (the targets; not the decision stage); UNet
+            # and VAE load when images are generated.
+            needs_targets = not (self.precomputed_captions or self.deciding)
+            self.image_generator.configure(parts=("text_encoder",) if needs_targets else ())
             out_dim = self.image_generator.text_embed_dim
         self.gen_mapper.configure(self.llm.hidden_size, out_dim)
         self.img_ids = [self.llm.token_id(t) for t in img_tokens(self.n_img_tokens)]
         self.check_sequence_length(2 * (self.visual_prefix.n_tokens + self.max_text_length),
                                    f"packed training sequences (2 x ({self.visual_prefix.n_tokens} visual + "
                                    f"max_text_length={self.max_text_length}))")
-        self.apply_trainability()
+        if self.decision_head is not None:
+            self.decision_head.configure(self.llm.hidden_size)
+        self.finish_configure()
+        if self.deciding:
+            self._check_decision_stage()
 
     def parameter_groups(self) -> dict[str, ParamGroup]:
         """The [IMG] rows (no weight decay: one embedding each), the visual prefix, the
-        retrieval projections with the temperature, and the GILLMapper: 50.1M at full size."""
-        return {
+        retrieval projections with the temperature, and the GILLMapper: 50.1M at full size;
+        the decision module, if any, trains only in the decision stage (8,194 more)."""
+        groups = {
             "tokens": ParamGroup(self.llm.parameter_groups()["tokens"], weight_decay=False),
             "visual_prefix": ParamGroup(list(self.visual_prefix.parameters())),
             "retrieval_head": ParamGroup(list(self.retrieval_head.parameters())),
             "gen_mapper": ParamGroup(list(self.gen_mapper.parameters())),
         }
+        if self.decision_head is not None:
+            groups["decision_head"] = ParamGroup(list(self.decision_head.parameters()), train=False)
+        return self.staged(groups)
+
+    # -- the decision stage ----------------------------------------------------------------------
+    @property
+    def deciding(self) -> bool:
+        """True in the decision stage: the decision module trains on labelled prompts."""
+        return self.stage is not None and "decision_head" in self.stage.train
+
+    def _check_decision_stage(self) -> None:
+        from mmgen.components.hub import random_weights_requested
+
+        if set(self.stage.train) != {"decision_head"}:
+            raise ConfigError(f"training stage {self.stage.name!r}: the decision module trains alone (on "
+                              f"labelled prompts), not with {sorted(set(self.stage.train) - {'decision_head'})}")
+        if not self.init_from and not random_weights_requested(False):
+            raise ConfigError("GILL's decision stage trains on the [IMG0] states of a trained GILL: set "
+                              "model.init_args.init_from to the GILL run's checkpoint (printed at the end of "
+                              "that run) or pretrained folder")
+
+    def decision_logits(self, prompts: list[str]) -> torch.Tensor:
+        """(b, 2) logits of (generate, retrieve) from each prompt's raw [IMG0] state."""
+        h_img, _ = self.prompt_img_states(prompts)  # (b, r, hidden), no grad: GILL is frozen here
+        return self.decision_head(h_img[:, 0])
+
+    def decision_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Cross-entropy and accuracy of a batch ``{"prompts": [str], "labels": (b,) long}``
+        (0: generate, 1: retrieve)."""
+        logits = self.decision_logits(batch["prompts"])
+        labels = batch["labels"].to(logits.device)
+        return {"loss": F.cross_entropy(logits, labels), "accuracy": (logits.argmax(-1) == labels).float().mean()}
+
+    @torch.no_grad()
+    def decide(self, prompts: list[str]) -> list[str]:
+        """"retrieve" or "generate" for each prompt, by the decision module."""
+        if self.decision_head is None:
+            raise ConfigError("this GILL has no decision module (model.init_args.decision_head)")
+        h_img, _ = self.prompt_img_states(prompts)
+        return self.decision_head.decide(h_img[:, 0])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.deciding and mode:  # frozen GILL: the decision module's dropout is the only noise
+            for name, child in self.named_children():
+                if name != "decision_head":
+                    child.eval()
+        return self
 
     # -- inputs ----------------------------------------------------------------------------------
     @property
@@ -271,6 +344,10 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
         return self.coin(self.pack_probability)
 
     def training_step(self, batch, batch_idx):
+        if self.deciding:
+            losses = self.decision_losses(batch)
+            self.log_losses(losses, "train", len(batch["prompts"]))
+            return losses["loss"]
         losses, _, _ = self.compute_losses(  # one coin per mode, drawn in the reference's order
             batch.get("images"), batch["captions"], self.cached_caption_embeddings(batch),
             pack_caption=self._pack(), pack_ret=self._pack(), pack_gen=self._pack(),
@@ -280,6 +357,18 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
         )
         self.log_losses(losses, "train", len(batch["captions"]))
         return losses["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        if self.deciding:
+            self.log_losses(self.decision_losses(batch), "val", len(batch["prompts"]))
+        else:
+            super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        if self.deciding:
+            self.log_losses(self.decision_losses(batch), "test", len(batch["prompts"]))
+        else:
+            super().test_step(batch, batch_idx)
 
     def evaluation_outputs(self, batch):
         return self.compute_losses(  # unpacked

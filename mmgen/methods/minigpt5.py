@@ -23,16 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.components.base import ImageGenerator, LLMBackbone, NewToken, VisualEncoder
-from mmgen.components.hub import random_weights_requested
 from mmgen.components.voken_mapper import VokenMapper
 from mmgen.data.interleave import collate
 from mmgen.data.minigpt5_samples import IMAGE_PLACEHOLDER, N_VOKENS, VOKENS
-from mmgen.errors import ConfigError
 from mmgen.methods.answering import MiniGPT5Answers
 from mmgen.methods.base import MultimodalLM
 from mmgen.methods.optim import Optim
 from mmgen.methods.trainability import ParamGroup
-from mmgen.methods.stages import Stage
 
 
 # The official vocabulary: the 8 vokens then <ImageHere>, all 9 rows trainable, added as the
@@ -40,14 +37,6 @@ from mmgen.methods.stages import Stage
 # them, so "lunch . [IMG0]" has no lone "▁" before [IMG0] (right-stripping would be wrong: the
 # "▁###" after [IMG7] keeps its "▁").
 VOCABULARY = [NewToken(t, lstrip=True) for t in VOKENS + [IMAGE_PLACEHOLDER]]
-
-
-def _unwrapped_name(name: str) -> str:
-    """A parameter's name without peft's wrappers, which differ by adapter kind
-    (``llm.model.base_model.model.model.embed_tokens.token_adapter.x`` under LoRA,
-    ``llm.model.base_model.model.embed_tokens.x`` under prefix tuning) -> ``embed_tokens.x``."""
-    parts = [p for p in name.split(".") if p not in ("llm", "model", "base_model", "token_adapter")]
-    return ".".join(parts)
 
 
 class MiniGPT5(MiniGPT5Answers, MultimodalLM):
@@ -65,8 +54,9 @@ class MiniGPT5(MiniGPT5Answers, MultimodalLM):
         ldm_loss_weight: Weight of the latent diffusion loss (1.0).
         caption_loss_weight: Weight of the caption MSE where the stage has it on (0.1).
         snr_gamma: Min-SNR gamma of the diffusion loss (5.0).
-        init_from: A checkpoint (of a stage-1 run) whose trainable tensors initialise this model,
-            except the groups in ``init_reset``. Ignored in dry runs.
+        init_from: Trained tensors to start from (stage 2: the stage-1 checkpoint): a checkpoint,
+            pretrained folder or ``.safetensors`` file (``MultimodalLM.load_initial_weights``).
+            Ignored in dry runs.
         init_reset: Groups that keep their fresh initialisation (stage 2: the adapter).
         optim: AdamW and schedule (reference: lr 2e-5, eps 1e-8, weight decay 0.01, linear
             schedule, 1000 warmup steps; no gradient clipping).
@@ -89,7 +79,7 @@ class MiniGPT5(MiniGPT5Answers, MultimodalLM):
         seed: int = 0,
     ):
         super().__init__(optim or Optim(lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                                        warmup_steps=1000, schedule="linear"))
+                                        warmup_steps=1000, schedule="linear"), init_from, init_reset)
         self.llm = llm
         self.generator = generator
         self.visual_encoder = visual_encoder
@@ -98,10 +88,6 @@ class MiniGPT5(MiniGPT5Answers, MultimodalLM):
         self.ldm_loss_weight = ldm_loss_weight
         self.caption_loss_weight = caption_loss_weight
         self.snr_gamma = snr_gamma
-        self.init_from = init_from
-        self.init_reset = list(init_reset)
-        self._applied_stage: Stage | None = None
-        self.stage: Stage | None = None  # set by the TrainingStages callback; None: all groups train
         self.init_training_rng(seed)
 
     def configure_model(self) -> None:
@@ -113,17 +99,13 @@ class MiniGPT5(MiniGPT5Answers, MultimodalLM):
             self.visual_encoder.configure(embed_dim=self.llm.embed_dim)
         self.mapper.configure(self.llm.hidden_size, self.generator.text_embed_dim)
         self.voken_ids = [self.llm.token_id(t) for t in VOKENS]
-        if self.init_from and not random_weights_requested(False):
-            self.load_initial_weights(self.init_from, self.init_reset)
-        if self.stage is not None:  # before any strategy wraps the model: DDP sees the final set
-            self.apply_stage(self.stage)
+        self.finish_configure()
+        if self.stage is not None:
             frozen = sorted({"fc", "queries"} - set(self.stage.train))
             if frozen and not self.init_from:
                 warnings.warn(f"MiniGPT-5 stage {self.stage.name!r} keeps {frozen} frozen, and without "
                               "model.init_args.init_from (the previous stage's checkpoint) they stay at their "
                               "random initialisation")
-        else:
-            self.apply_trainability()
 
     # -- what trains -----------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, ParamGroup]:
@@ -133,66 +115,11 @@ class MiniGPT5(MiniGPT5Answers, MultimodalLM):
         llm = self.llm.parameter_groups()
         groups = {"vokens": ParamGroup(llm["tokens"], weight_decay=False), "adapter": ParamGroup(llm["adapter"])}
         groups.update({name: ParamGroup(list(m.parameters())) for name, m in self.mapper.groups().items()})
-        if self.stage is not None:
-            for name, group in groups.items():
-                group.train = name in self.stage.train
-                group.lr_scale = self.stage.lr_scale.get(name, 1.0)
-        return groups
-
-    def apply_stage(self, stage: Stage) -> None:
-        names = set(self.parameter_groups())
-        unknown = (set(stage.train) | set(stage.lr_scale)) - names
-        if unknown:
-            raise ConfigError(f"stage {stage.name!r} names unknown groups {sorted(unknown)}; groups are {sorted(names)}")
-        self.stage = stage
-        self.apply_trainability()
-        self._applied_stage = stage
+        return self.staged(groups)
 
     @property
     def caption_loss_on(self) -> bool:
         return self.stage.caption_loss if self.stage is not None else self.caption_loss_weight > 0
-
-    def configure_optimizers(self):
-        if self.stage is not None and self.stage != self._applied_stage:  # a switch within a run
-            if self._trainer is not None and self.trainer.world_size > 1:
-                raise ConfigError(
-                    f"switching to stage {self.stage.name!r} within a multi-process run: DDP fixed the "
-                    "trainable parameters when it wrapped the model. Run each stage with its own config "
-                    "(the next stage's `init_from` names the previous checkpoint)"
-                )
-            self.apply_stage(self.stage)
-        return super().configure_optimizers()
-
-    def load_initial_weights(self, path: str, reset: list[str] = ()) -> None:
-        """Copy a checkpoint's trainable tensors into this model (stage 2 from stage 1). Every
-        checkpoint tensor must exist here with the same shape, and every group not in ``reset``
-        must be in the checkpoint.
-
-        The two stages may use different adapters (stage 1 with LoRA, stage 2 with prefix tuning):
-        peft then nests the LLM differently, and the token rows are found under their stage-2
-        names. With ``"adapter"`` in ``reset``, the other adapter's tensors are dropped, not
-        merged: stage 1 never trains its adapter (a LoRA there is frozen at B = 0, an identity),
-        so merging it would add nothing."""
-        from mmgen.checkpoints import read_tensors
-
-        state = read_tensors(path, "checkpoint (init_from)")  # weights-only; names the file on any fault
-        params = dict(self.named_parameters())
-        names = {id(p): n for n, p in params.items()}
-        groups = {g: {names[id(p)] for p in group.params} for g, group in self.parameter_groups().items()}
-        own = {_unwrapped_name(n): n for n in set().union(*groups.values())}
-        state = {(k if k in params else own.get(_unwrapped_name(k), k)): v for k, v in state.items()}
-        if "adapter" in reset:
-            state = {k: v for k, v in state.items() if k in params or not k.startswith("llm.")}
-        keep = set().union(*(groups[g] for g in groups if g not in reset))
-        unexpected = sorted(set(state) - set().union(*groups.values()))
-        missing = sorted(keep - set(state))
-        if unexpected or missing:
-            raise ConfigError(f"{path}: does not fit this model: unexpected {unexpected[:6]}, missing {missing[:6]}")
-        with torch.no_grad():
-            for name in sorted(keep):
-                if state[name].shape != params[name].shape:
-                    raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(params[name].shape)}")
-                params[name].copy_(state[name])
 
     # -- inputs ----------------------------------------------------------------------------------
     @property

@@ -1,19 +1,22 @@
-"""MiniGPT-5's two training stages as a callback (docs/minigpt5.md).
+"""Training stages as a callback: MiniGPT-5's two (docs/minigpt5.md) and GILL's decision stage
+(docs/gill.md).
 
 A :class:`Stage` names the parameter groups that train, their learning-rate multipliers and
-whether the caption loss is on. The groups are declared by the components (``vokens`` and
-``adapter`` by the LLM, ``fc``, ``transformer`` and ``queries`` by the voken mapper); a stage only
-selects them. The adapter (LoRA or prefix) is always built, so parameter names are the same in
-both stages: an untrained LoRA is the identity (its B is zero), which is how stage 2 "starts fresh
-LoRA on top of stage 1".
+whether the caption loss is on. The groups are declared by the method's ``parameter_groups()``
+(MiniGPT-5: ``vokens`` and ``adapter`` by the LLM, ``fc``, ``transformer`` and ``queries`` by the
+voken mapper; GILL: ``tokens``, ``visual_prefix``, ``retrieval_head``, ``gen_mapper``,
+``decision_head``); a stage only selects them (``MultimodalLM.staged``). MiniGPT-5's adapter
+(LoRA or prefix) is always built, so parameter names are the same in both stages: an untrained
+LoRA is the identity (its B is zero), which is how stage 2 "starts fresh LoRA on top of stage 1".
 
-    UAS (stage 1): vokens, fc, transformer, queries; fc/transformer/queries at 10x lr; caption loss
-    MLS (stage 2): adapter, vokens, transformer; all at the base lr; no caption loss
+    uas (MiniGPT-5 stage 1): vokens, fc, transformer, queries; fc/transformer/queries at 10x lr; caption loss
+    mls (MiniGPT-5 stage 2): adapter, vokens, transformer; all at the base lr; no caption loss
+    decision (GILL, after GILL): decision_head alone, on labelled prompts
 
-:class:`TrainingStages` sets the stage at the start of training and, with ``switch_steps``,
-switches within one run (rebuilding the optimizer and its schedule, as a separate stage-2 run
-would start). Across two runs, stage 2's config names the stage-1 checkpoint in the method's
-``init_from``.
+:class:`TrainingStages` sets the stage before the model is built and, with ``switch_steps``,
+switches within one run on one process (rebuilding the optimizer and its schedule, as a
+separate run would start). Across runs, the next stage's config names the previous checkpoint
+in the method's ``init_from``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ STAGES: dict[str, Stage] = {
     "uas": Stage("uas", ("vokens", "fc", "transformer", "queries"),
                  {"fc": 10.0, "transformer": 10.0, "queries": 10.0}, caption_loss=True),
     "mls": Stage("mls", ("adapter", "vokens", "transformer"), {}, caption_loss=False),
+    "decision": Stage("decision", ("decision_head",)),
 }
 
 
