@@ -395,6 +395,9 @@ def test_recall_is_torchmetrics_and_equals_the_former_numbers():
     new = retrieval_recall(text, image, ks=(1, 5, 10))
     assert new == _old_recall(text, image, (1, 5, 10)) == _topk_recall(text, image, (1, 5, 10))
     assert 0 < new["t2i_R@1"] < 1
+    # a chunk of 7 queries at a time (the memory bound of large galleries) gives the same numbers
+    chunked = retrieval_recall(text, image, ks=(1, 5, 10), scores_per_chunk=7 * 40)
+    assert chunked.keys() == new.keys() and all(abs(chunked[k] - new[k]) < 1e-6 for k in new)
 
 
 def test_recall_counts_matches_with_negative_similarity():

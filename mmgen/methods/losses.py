@@ -42,28 +42,38 @@ def symmetric_infonce(text: torch.Tensor, image: torch.Tensor, logit_scale: torc
     return (t2i + i2t) / 2
 
 
-def retrieval_recall(text: torch.Tensor, image: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+def retrieval_recall(text: torch.Tensor, image: torch.Tensor, ks=(1, 5, 10),
+                     scores_per_chunk: int = 1 << 22) -> dict[str, float]:
     """Recall@k of text->image and image->text over matching rows of ``text`` and ``image``
     (each row's match is the same row of the other side), by torchmetrics' ``RetrievalRecall``.
 
-    The scores are computed here, on the CPU ((n, n) similarities: the metric takes them flat,
-    n^2 entries with their query index). Every caller holds the whole gathered evaluation set, so
-    the metric does not sync across processes (that would count each query once per process).
+    The scores are computed here, on the CPU, a chunk of queries at a time: the metric takes them
+    flat with their query index and keeps every one it is given, so the whole (n, n) matrix at
+    once would cost n^2 of each (tens of GB for a 30k-image gallery). Recall is a mean over
+    queries, so chunks are weighted by their number of queries. Every caller holds the whole
+    gathered evaluation set, so the metric does not sync across processes (that would count each
+    query once per process).
     """
     from torchmetrics.retrieval import RetrievalRecall
 
-    sims = (text.float() @ image.float().t()).cpu()  # (n, n)
-    n = sims.shape[0]
-    target = torch.eye(n, dtype=torch.bool).flatten()  # (n * n,)
-    queries = torch.arange(n).repeat_interleave(n)  # (n * n,): the query of each score
-    out = {}
-    for name, matrix in (("t2i", sims), ("i2t", sims.t())):
-        # torchmetrics counts a relevant item only where its score is > 0 (its scores are meant to
-        # be probabilities); a per-query shift above 0 keeps the ranking: the plain recall@k the
-        # papers report (the match within the k best-scored), negative cosine similarities too
-        scores = (matrix - matrix.min(dim=1, keepdim=True).values + 1).flatten()
-        for k in ks:
-            metric = RetrievalRecall(top_k=k, sync_on_compute=False)
-            metric.update(scores, target, indexes=queries)
-            out[f"{name}_R@{k}"] = float(metric.compute())
-    return out
+    text, image = text.float().cpu(), image.float().cpu()
+    n = text.shape[0]
+    chunk = max(1, scores_per_chunk // max(n, 1))
+    totals = {}
+    for name, queries, items in (("t2i", text, image), ("i2t", image, text)):
+        for start in range(0, n, chunk):
+            sims = queries[start:start + chunk] @ items.t()  # (c, n)
+            c = sims.shape[0]
+            target = torch.zeros(c, n, dtype=torch.bool)
+            target[torch.arange(c), torch.arange(start, start + c)] = True
+            # torchmetrics counts a relevant item only where its score is > 0 (its scores are meant
+            # to be probabilities); a per-query shift above 0 keeps the ranking: the plain recall@k
+            # the papers report (the match within the k best-scored), negative cosine similarities too
+            scores = (sims - sims.min(dim=1, keepdim=True).values + 1).flatten()
+            indexes = torch.arange(c).repeat_interleave(n)  # (c * n,): the query of each score
+            for k in ks:
+                metric = RetrievalRecall(top_k=k, sync_on_compute=False)
+                metric.update(scores, target.flatten(), indexes=indexes)
+                key = f"{name}_R@{k}"
+                totals[key] = totals.get(key, 0.0) + float(metric.compute()) * c
+    return {key: value / n for key, value in totals.items()}
