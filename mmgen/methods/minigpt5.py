@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.components.base import ImageGenerator, LLMBackbone, NewToken, VisualEncoder
+from mmgen.components.hub import random_weights_requested
 from mmgen.components.voken_mapper import VokenMapper
 from mmgen.data.interleave import collate
 from mmgen.data.minigpt5_samples import IMAGE_PLACEHOLDER, N_VOKENS, VOKENS
@@ -102,7 +103,7 @@ class MiniGPT5(MiniGPT5Answers, MultimodalLM):
         self.finish_configure()
         if self.stage is not None:
             frozen = sorted({"fc", "queries"} - set(self.stage.train))
-            if frozen and not self.init_from:
+            if frozen and not self.init_from and not random_weights_requested(False):  # not in dry runs
                 warnings.warn(f"MiniGPT-5 stage {self.stage.name!r} keeps {frozen} frozen, and without "
                               "model.init_args.init_from (the previous stage's checkpoint) they stay at their "
                               "random initialisation")
