@@ -151,7 +151,14 @@ class MMGenCLI(LightningCLI):
         section = self.config[subcommand]
         model, data = (_plain_dict(section.get(key)) for key in ("model", "data"))
         configs = ", ".join(map(str, section.get("config") or [])) or "arguments"
-        check_sources(model, data, source=f"mmgen {subcommand} ({configs})")
+        check_sources(model, data, source=f"mmgen {subcommand} ({configs})", restoring=bool(section.get("ckpt_path")))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A run restoring a checkpoint gets every trained tensor from it: the model's init_from
+        # is not read (the previous stage's file may be gone by the time a run resumes).
+        if self.config[subcommand].get("ckpt_path") and hasattr(self.model, "restores_checkpoint"):
+            self.model.restores_checkpoint = True
+        super()._run_subcommand(subcommand)
 
     def _parse_ckpt_path(self) -> None:
         from mmgen.checkpoints import check_stored_config, load_checkpoint, resume_path

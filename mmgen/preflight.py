@@ -54,7 +54,9 @@ def _components(value, where: str):
             yield from _components(item, f"{where}.{i}")
 
 
-def model_problems(model: dict | None) -> list[str]:
+def model_problems(model: dict | None, restoring: bool = False) -> list[str]:
+    """Missing sources of a model config; ``restoring`` (a run given ``--ckpt_path``): its
+    ``init_from`` is not read (the checkpoint holds every trained tensor), so it may be gone."""
     from mmgen.components.hub import KNOWN_CONFIGS, looks_local, random_weights_requested, resolve_name
 
     problems = []
@@ -73,6 +75,8 @@ def model_problems(model: dict | None) -> list[str]:
                                 "and the hub is offline (HF_HUB_OFFLINE=1): download it first or give a folder")
         for key in _MODEL_FILES:
             name = args.get(key)
+            if restoring and key == "init_from":
+                continue
             if isinstance(name, str) and not random and not Path(name).expanduser().exists():
                 problems.append(f"{where}.init_args.{key}: {name} not found")
     return problems
@@ -89,8 +93,9 @@ def data_problems(data: dict | None) -> list[str]:
     return problems
 
 
-def check_sources(model: dict | None = None, data: dict | None = None, source: str = "config") -> None:
+def check_sources(model: dict | None = None, data: dict | None = None, source: str = "config",
+                  restoring: bool = False) -> None:
     """ConfigError listing every missing file, folder or offline hub model of a parsed config."""
-    problems = model_problems(model) + data_problems(data)
+    problems = model_problems(model, restoring) + data_problems(data)
     if problems:
         raise ConfigError(f"{source}: {len(problems)} missing input(s): " + "; ".join(problems))

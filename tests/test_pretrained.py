@@ -150,3 +150,19 @@ def test_fit_starts_from_a_pretrained_folder(tmp_path):
     assert cli.trainer.global_step == 1
     for name, tensor in trained_state(model).items():
         assert torch.equal(trained_state(cli.model)[name], tensor), name
+
+    # resuming restores every trained tensor from the checkpoint: init_from is not read, and may be gone
+    import shutil
+
+    (ckpt,) = tmp_path.glob("checkpoints/*.ckpt")
+    shutil.rmtree(tmp_path / "init")
+    resumed = main([
+        "fit", "--config", "configs/fromage_tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'resumed'}",
+        "--trainer.logger=false", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0", f"--model.init_args.init_from={tmp_path / 'init'}",
+        f"--data.root={tmp_path / 'toy'}", "--data.n_train=16", "--data.n_val=16",
+        "--model.init_args.optim.lr=0", "--model.init_args.rescale_new_rows=false", f"--ckpt_path={ckpt}",
+    ])
+    assert resumed.trainer.global_step == 2
+    for name, tensor in trained_state(model).items():
+        assert torch.equal(trained_state(resumed.model)[name], tensor), name

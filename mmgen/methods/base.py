@@ -169,6 +169,10 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
             self.stage = previous
             raise
 
+    #: Set for a run given ``--ckpt_path`` (mmgen's CLI): the checkpoint restores every grouped
+    #: tensor, so ``init_from`` is not read.
+    restores_checkpoint: bool = False
+
     def finish_configure(self) -> None:
         """The last step of every method's ``configure_model``, once its components are built:
         the trained tensors of ``init_from``, then ``requires_grad`` from the groups and the
@@ -176,7 +180,8 @@ class MultimodalLM(Registered, pl.LightningModule, kind="method"):
         trainable set."""
         from mmgen.components.hub import random_weights_requested
 
-        if self.init_from and not random_weights_requested(False):  # dry runs build random weights
+        # dry runs build random weights; a restored checkpoint brings every trained tensor
+        if self.init_from and not random_weights_requested(False) and not self.restores_checkpoint:
             self.load_initial_weights(self.init_from, self.init_reset)
         self.apply_trainability()
 

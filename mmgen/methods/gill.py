@@ -193,7 +193,7 @@ class GILL(GILLAnswers, RetrievalMetrics, MultimodalLM):
         if set(self.stage.train) != {"decision_head"}:
             raise ConfigError(f"training stage {self.stage.name!r}: the decision module trains alone (on "
                               f"labelled prompts), not with {sorted(set(self.stage.train) - {'decision_head'})}")
-        if not self.init_from and not random_weights_requested(False):
+        if not self.init_from and not random_weights_requested(False) and not self.restores_checkpoint:
             raise ConfigError("GILL's decision stage trains on the [IMG0] states of a trained GILL: set "
                               "model.init_args.init_from to the GILL run's checkpoint (printed at the end of "
                               "that run) or pretrained folder")
