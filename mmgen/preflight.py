@@ -77,7 +77,7 @@ def model_problems(model: dict | None, restoring: bool = False) -> list[str]:
             name = args.get(key)
             if restoring and key == "init_from":
                 continue
-            if isinstance(name, str) and not random and not Path(name).expanduser().exists():
+            if isinstance(name, str) and not random and not Path(resolve_name(name)).expanduser().exists():
                 problems.append(f"{where}.init_args.{key}: {name} not found")
     return problems
 

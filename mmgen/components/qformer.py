@@ -104,7 +104,7 @@ class QFormerEncoder(VisualEncoder):
         super().__init__()
         self.seed = seed
         self.name_or_path = resolve_name(name_or_path)
-        self.projection_path = projection
+        self.projection_path = resolve_name(projection)  # mmgen:NAME: a file under mmgen/assets
         self.lavis_vit = lavis_vit
         self.lavis_qformer = lavis_qformer
         self.ln_vision_eps = ln_vision_eps
@@ -237,12 +237,18 @@ class QFormerEncoder(VisualEncoder):
 
     @torch.no_grad()  # frozen: no activations kept for a backward pass
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.llama_proj(self.query_features(images))  # (b, 32, embed_dim)
+
+    @torch.no_grad()
+    def query_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The Q-Former's output before ``llama_proj``: (b, 32, 768); what training a
+        projection (MiniGPT-4's first stage) starts from."""
         pixels = normalized_pixels(images, self.image_size, self.mean, self.std, self.dtype)  # (b, 3, s, s)
         patches = self.vision_model(pixel_values=pixels).last_hidden_state  # (b, 1 + n_patches, 1408)
         queries = self.query_tokens.expand(images.shape[0], -1, -1)  # (b, 32, 768)
         mask = torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device)
         out = self.qformer(query_embeds=queries, encoder_hidden_states=patches, encoder_attention_mask=mask)
-        return self.llama_proj(out.last_hidden_state)  # (b, 32, embed_dim)
+        return out.last_hidden_state
 
 
 def _read_checkpoint_keys(folder: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -32,15 +32,20 @@ def build_qformer(tokenizer):
                          image_text_hidden_size=64, text_config={"model_type": "opt", "hidden_size": 64,
                                                                "num_hidden_layers": 1, "ffn_dim": 64,
                                                                "num_attention_heads": 2, "vocab_size": len(tokenizer)})
-    return Blip2ForImageTextRetrieval(config)
+    model = Blip2ForImageTextRetrieval(config)
+    # transformers leaves the query tokens at zero; LAVIS (BLIP-2's own code) draws them from
+    # N(0, initializer_range). At zero all queries are one vector, and the Q-Former's first
+    # LayerNorm (eps 1e-12) turns its gradient into inf: every step was clipped to nothing.
+    torch.nn.init.normal_(model.query_tokens, std=config.qformer_config.initializer_range)
+    return model
 
 
 def itc_logits(model, pixels: torch.Tensor, text: dict) -> torch.Tensor:
     """(b_images, b_texts) cosine similarities / temperature: the best-matching query of each image
     against the text, as BLIP-2's ITC, but the text pooled over all its tokens instead of read at
-    its first one. Read at the first token (the model's own forward), every text embedding started
-    out nearly the same (position 0 barely attends to the rest at initialisation) and training
-    collapsed all of them together; mean pooling gives each caption its own embedding from step 0."""
+    its first one: trained from scratch (BLIP-2's text side starts from BERT), the first token's
+    state separates captions far later (held-out R@1 after 600 steps of 32: 0.09 read at the
+    first token, 0.36 mean-pooled)."""
     image_states = model.vision_model(pixel_values=pixels).last_hidden_state  # (b, 1 + patches, d_v)
     queries = model.query_tokens.expand(len(pixels), -1, -1)  # (b, q, d)
     query_out = model.qformer(query_embeds=queries, encoder_hidden_states=image_states).last_hidden_state
@@ -54,8 +59,8 @@ def itc_logits(model, pixels: torch.Tensor, text: dict) -> torch.Tensor:
     return sims / TEMPERATURE
 
 
-def train_qformer(tokenizer, images: torch.Tensor, captions: list[str], out_dir: Path, steps: int = 300,
-                  batch_size: int = 32, lr: float = 5e-4, seed: int = 0, log=print) -> dict:
+def train_qformer(tokenizer, images: torch.Tensor, captions: list[str], out_dir: Path, steps: int = 600,
+                  batch_size: int = 64, lr: float = 2e-3, seed: int = 0, log=print) -> dict:
     torch.manual_seed(seed)
     model = build_qformer(tokenizer).train()
     rng = random.Random(seed)
@@ -68,7 +73,7 @@ def train_qformer(tokenizer, images: torch.Tensor, captions: list[str], out_dir:
         target = torch.arange(len(chosen))
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
-    # BERT-style post-LayerNorm layers: at 2e-3 the loss stayed above chance; 5e-4 with a longer warmup trains.
+    # Measured (600 steps, held-out R@1): batch 32 at lr 1e-3 0.36, batch 64 at lr 2e-3 0.60.
     result = fit(model.parameters(), loss, steps=steps, lr=lr, warmup=50, log=log, name="qformer")
     model.eval()
     model.save_pretrained(out_dir)
