@@ -1,7 +1,9 @@
 """The toy world's judge and latent diffusion model, on shortened runs (mmgen/toy/judge.py,
 mmgen/toy/diffusion.py): the judge learns to read shape and colour, the diffusion folder is a
-standard Stable Diffusion folder (mmgen's component and diffusers' pipeline load it), training is
-reproducible from its seed, and the UNet's denoising loss goes down."""
+standard Stable Diffusion folder (mmgen's component and diffusers' pipeline load it) with 16x16x4
+latents, training is reproducible from its seed, the UNet's denoising loss goes down, the saved
+UNet is the moving average of its weights, and judged checks along the way leave the training as
+it was."""
 
 import json
 import random
@@ -29,9 +31,9 @@ def clip_dir(tmp_path_factory):
     return folder
 
 
-def _short_diffusion(out, clip_dir, seed=0, unet_steps=4):
+def _short_diffusion(out, clip_dir, seed=0, unet_steps=4, **options):
     return diffusion.train_latent_diffusion(out, clip_dir, seed=seed, n_train=48, vae_steps=3, unet_steps=unet_steps,
-                                            vae_batch_size=4, unet_batch_size=8, log=lambda _: None)
+                                            vae_batch_size=4, unet_batch_size=8, log=lambda _: None, **options)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,8 @@ def test_mmgen_component_loads_and_draws(sd_dir):
     assert sd.text_embed_dim == 64 and sd.image_size == 32
     cond = sd.encode_captions(["a big red circle in the center on a black background"])  # (1, 77, 64)
     assert cond.shape == (1, 77, 64)
+    mean, _ = sd.latent_distribution(torch.rand(2, 3, 32, 32))
+    assert mean.shape == (2, 4, 16, 16)  # one downsampling, SD's 4 channels
     images = sd.generate(cond, None, num_inference_steps=2, seeds=[0])
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
     # GILL's and MiniGPT-5's path: the loss through the frozen UNet reaches the conditioning.
@@ -168,3 +172,39 @@ def test_one_caption_per_image_is_required(tmp_path, clip_dir):
         diffusion.train_latent_diffusion(tmp_path, clip_dir, images=torch.rand(4, 3, 32, 32), captions=["a"])
     with pytest.raises(ConfigError, match="no CLIP here"):
         diffusion.load_text_encoder(tmp_path / "missing")
+
+
+def test_saved_unet_is_the_moving_average_of_its_weights(clip_dir):
+    """diffusers' EMAModel follows every optimizer step: its decay is 0 at the first update (the
+    average starts at the weights after step 1) and 1 - 2^(-2/3) at the second, so after two steps
+    the average is that mix of the weights after one and after two steps."""
+    text_encoder, tokenizer = diffusion.load_text_encoder(clip_dir)
+    cond = diffusion.encode_captions(text_encoder, tokenizer, ["a big red circle in the center on a black background"])
+    latents = torch.randn(4, 4, 8, 8)
+
+    def train(steps, ema_decay):
+        torch.manual_seed(0)
+        unet, _ = diffusion.train_unet(latents, torch.zeros_like(latents), cond, torch.zeros(4, dtype=torch.long),
+                                       cond[0], steps=steps, batch_size=2, ema_decay=ema_decay, log=lambda _: None)
+        return unet.state_dict()
+
+    after_one, after_two, averaged = train(1, 0.0), train(2, 0.0), train(2, 0.999)
+    decay = 1 - 2 ** (-2 / 3)
+    changed = [k for k in after_two if not torch.equal(after_one[k], after_two[k])]
+    assert changed
+    for k in changed:
+        assert torch.allclose(averaged[k], decay * after_one[k] + (1 - decay) * after_two[k], atol=1e-6), k
+
+
+def test_judged_checks_record_a_curve_and_leave_training_unchanged(tmp_path, clip_dir, sd_dir, short_judge):
+    from safetensors.torch import load_file
+
+    _, judge, _ = short_judge
+    record = _short_diffusion(tmp_path, clip_dir, judge=judge, check_every=2, n_check=3)
+    curve = record["unet"]["curve"]
+    assert [point["step"] for point in curve] == [2, 4]  # every 2 steps and at the end
+    assert all(0 <= point[name] <= 1 for point in curve for name in ("shape", "color", "shape+color"))
+    # The same seed without checks (the sd_dir fixture): bit-identical weights.
+    checked = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    plain = load_file(sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(checked[k], plain[k]) for k in plain)

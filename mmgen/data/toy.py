@@ -308,12 +308,44 @@ def sample_dialogue(rng: random.Random, n_changes: int = 2) -> list[tuple[str, T
     return turns
 
 
+# -- restatements: texts whose continuation needs the whole caption ----------------------------------
+# Next-token prediction on captions, stories and dialogues never needs the state at a caption's end
+# to hold all five attributes (each word is predicted from the few before it); but FROMAGe's [RET]
+# and GILL's [IMG] tokens read the caption exactly there. A restatement follows a caption with the
+# same scene told again: its five attribute values in a random order (the word after the caption's
+# "." is any of the five, so the state there must hold them all), or questions about the
+# attributes, in a random order, each answered. (The 4-layer toy LMs had not learned to answer
+# from the caption by the end of their pretraining: docs/toy_world.md.)
+RESTATE_VALUES_SEPARATOR = " , "
+RESTATE_QUESTIONS = {
+    "shape": "what shape is it ? {shape}",
+    "color": "what color is it ? {color}",
+    "size": "what size is it ? {size}",
+    "position": "what position is it in ? {position}",
+    "background": "what background is it on ? {background}",
+}
+
+
+def restate_scene(scene: ToyScene, rng: random.Random) -> str:
+    """The caption, then the scene again: either its five values in a random order ("a big red
+    circle in the top left on a black background . top left , circle , black , big , red") or the
+    five questions of RESTATE_QUESTIONS in a random order, answered. Only words of the captions
+    and the method templates: the tokenizer (shared with CLIP's) is unchanged."""
+    attributes = list(RESTATE_QUESTIONS)
+    rng.shuffle(attributes)
+    if rng.random() < 0.5:
+        again = RESTATE_VALUES_SEPARATOR.join(getattr(scene, a) for a in attributes)
+    else:
+        again = " . ".join(RESTATE_QUESTIONS[a].format(**{a: getattr(scene, a)}) for a in attributes)
+    return f"{caption_scene(scene)} . {again}"
+
+
 def world_texts() -> list[str]:
     """Every word pattern the world's captions, stories and dialogues can contain (each attribute
     value and each template once), for building a vocabulary."""
     values = TOY_SHAPES + TOY_COLORS + TOY_SIZES + TOY_POSITIONS + TOY_BACKGROUNDS
     templates = [SCENE_CAPTION, *STORY_CHANGES.values(), DIALOGUE_ASK, *DIALOGUE_CHANGES.values(),
-                 DIALOGUE_REPLY, DIALOGUE_QUESTION]
+                 DIALOGUE_REPLY, DIALOGUE_QUESTION, RESTATE_VALUES_SEPARATOR, *RESTATE_QUESTIONS.values()]
     return values + [t.replace("{", " ").replace("}", " ") for t in templates]
 
 

@@ -3,6 +3,7 @@ readers from the files `write_toy_world` writes (so pretraining sees exactly wha
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,16 @@ def caption_pairs(world: Path, split: str) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([load_image(r.image_path) for r in records]), [r.caption for r in records]
 
 
-def language_texts(world: Path, split: str) -> list[str]:
-    """Everything the LMs read: captions; each story as one text; and the MiniGPT-5-shaped samples
-    (system prompt, roles, templates) of the stories and dialogues, with images left out of the
-    text (their slots become the bare ``<Img><ImageHere></Img>`` string, the vokens dropped)."""
+def language_texts(world: Path, split: str, restatements: int = 1) -> list[str]:
+    """Everything the LMs read: captions; each caption ``restatements`` times more as a
+    restatement (`mmgen.data.toy.restate_scene`: the caption, then its attributes again, so that
+    the state after a caption must hold all of them; drawn from a fixed seed per split); each story as one
+    text; and the MiniGPT-5-shaped samples (system prompt, roles, templates) of the stories and
+    dialogues, with images left out of the text (their slots become the bare
+    ``<Img><ImageHere></Img>`` string, the vokens dropped)."""
     from mmgen.data.minigpt5_samples import VOKEN_STRING
     from mmgen.data.mmdialog import MMDialogDataset
+    from mmgen.data.toy import parse_caption, restate_scene
     from mmgen.data.vist import TASKS, VISTDataset, read_vist_stories
 
     world = Path(world)
@@ -44,4 +49,6 @@ def language_texts(world: Path, split: str) -> list[str]:
     dialogues = MMDialogDataset(str(world / "mmdialog" / f"{split}_conversations.txt"), max_turn_tokens=None,
                                 check_images=False).build()
     samples = [f"{s.source} {s.target.replace(VOKEN_STRING, '')}" for s in vist + dialogues]
-    return captions + story_texts + samples
+    rng = random.Random(f"restate-{split}")
+    restated = [restate_scene(parse_caption(c), rng) for _ in range(restatements) for c in captions]
+    return captions + restated + story_texts + samples

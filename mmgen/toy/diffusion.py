@@ -2,24 +2,27 @@
 
 The same diffusers parts as Stable Diffusion, trained in the same order:
 
-1. an ``AutoencoderKL`` (reconstruction + a small KL term) that maps 32-px images to 8x8x8 latents;
+1. an ``AutoencoderKL`` (reconstruction + a small KL term) that maps 32-px images to 16x16x4 latents;
    its ``scaling_factor`` is set, as SD's 0.18215 was, so that scaled latents have unit variance;
 2. a ``UNet2DConditionModel`` that predicts the noise of those latents (epsilon, SD's scaled-linear
    betas over 1000 steps, Min-SNR-5 weighting), cross-attending to the frozen CLIP text encoder's
    ``last_hidden_state`` of the caption padded to 77 tokens, without attention mask, exactly what
    ``StableDiffusion.encode_captions`` and diffusers' pipeline feed it. One caption in ten is
    replaced by the empty caption so that classifier-free guidance works (GILL's and SD's negative
-   prompt is the embedding of ""; MiniGPT-5's is learned on top).
+   prompt is the embedding of ""; MiniGPT-5's is learned on top). The saved weights are the
+   exponential moving average of the trained ones (diffusers' ``EMAModel``), as SD's are.
 
 The result is written as a standard ``StableDiffusionPipeline`` folder (model_index.json, vae/,
 unet/, scheduler/ (SD v1.5's PNDM config), text_encoder/, tokenizer/; no safety checker), which
 mmgen's ``StableDiffusion`` component and a stock ``StableDiffusionPipeline`` both load.
 :func:`evaluate_diffusion` draws images from captions through mmgen's component with its default
-sampler (DPM-Solver, 25 steps, guidance 7.5) and lets the judge read them.
+sampler (DPM-Solver, 25 steps, guidance 7.5) and lets the judge read them; given a judge,
+:func:`train_latent_diffusion` also measures that on the way (the UNet's learning curve).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -33,25 +36,28 @@ from mmgen.components.stable_diffusion import KNOWN_SD_CONFIGS, min_snr_weights
 from mmgen.data import toy
 from mmgen.data.images import to_tensor
 from mmgen.errors import ConfigError
+from mmgen.toy.judge import judge_images
 from mmgen.toy.training import fit
 
 # Stable Diffusion v1.5's scheduler config as published (PNDM, scaled-linear betas 0.00085-0.012).
 SD_SCHEDULER = dict(KNOWN_SD_CONFIGS["runwayml/stable-diffusion-v1-5"]["scheduler"])
 MAX_LENGTH = 77  # SD pads every caption to CLIP's 77 positions; the UNet attends to all of them
 
-# 32 px -> 8x8x8 latents (3 blocks: 2 downsamplings). 8 latent channels where SD has 4: a small
-# shape spans 2-3 latent cells, and with 4 channels the judge read only 69% of reconstructed shapes.
-# Narrow, no attention in the mid block: flat colours, and full-resolution convolutions dominate a
-# CPU step.
-VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=8, layers_per_block=1,
-                  block_out_channels=[16, 32, 32], down_block_types=["DownEncoderBlock2D"] * 3,
-                  up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=8, mid_block_add_attention=False)
-# Cross-attention at 8x8 (where position lives) and in the 4x4 mid block (where shape and colour
-# are global). `attention_head_dim` is, in diffusers' UNet, the number of heads (a historical
-# misnomer): 2 heads of 16/32 channels; 8 tiny heads made CPU attention 2x slower.
-UNET_CONFIG = dict(in_channels=8, out_channels=8, layers_per_block=1, block_out_channels=[32, 64],
-                   down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=2, norm_num_groups=32)
+# 32 px -> 16x16x4 latents (2 blocks: one downsampling; 4 channels as SD). With two downsamplings
+# (8x8 latents, 8 channels) a small shape covered two or three latent cells and the judge read only
+# 71-75% of the reconstructed shapes; at 16x16 it reads 92% after 300 steps. Narrow, no attention
+# in the mid block: flat colours, and full-resolution convolutions dominate a CPU step.
+VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                  block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8, mid_block_add_attention=False)
+# 16x16 latents -> 8x8 -> 4x4. Convolutions only at 16x16 (attention over 256 positions costs more
+# than it brings for flat shapes); cross-attention at 8x8 (where position lives) and in the 4x4 mid
+# block (where shape and colour are global). `attention_head_dim` is, in diffusers' UNet, the
+# number of heads (a historical misnomer): 2 heads; 8 tiny heads made CPU attention 2x slower.
+UNET_CONFIG = dict(in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64, 64],
+                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                   up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                   attention_head_dim=2, norm_num_groups=32)
 
 
 # -- text -----------------------------------------------------------------------------------------
@@ -111,9 +117,10 @@ def train_vae(images: torch.Tensor, steps: int, batch_size: int = 32, lr: float 
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
-        recon = torch.cat([vae.decode(z).sample for z in latents.split(256)])
+        # Decoding is the costly half (full-resolution convolutions): 1024 images measure it well.
+        recon = torch.cat([vae.decode(z).sample for z in latents[:1024].split(256)])
     vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
-    result["reconstruction_mse"] = round(F.mse_loss(recon, pixels).item(), 5)  # in [-1, 1] units
+    result["reconstruction_mse"] = round(F.mse_loss(recon, pixels[:1024]).item(), 5)  # in [-1, 1] units
     result["scaling_factor"] = vae.config.scaling_factor
     return vae, result
 
@@ -133,18 +140,51 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, s
 
 def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, cond: torch.Tensor, index: torch.Tensor,
                uncond: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 2e-3, cfg_dropout: float = 0.1,
-               log: Callable[[str], None] = print):
-    """A UNet2DConditionModel trained on VAE latents (mean and std (n, 8, h, w), scaled) of images
+               ema_decay: float = 0.999, check: Callable[[torch.nn.Module], dict] | None = None,
+               check_every: int = 0, log: Callable[[str], None] = print):
+    """A UNet2DConditionModel trained on VAE latents (mean and std (n, c, h, w), scaled) of images
     whose captions are ``cond[index]`` ((k, 77, d) unique caption embeddings, ``index`` (n,));
     ``uncond`` (77, d) replaces a caption with probability ``cfg_dropout``. Draws from torch's
-    global generator (seed it)."""
+    global generator (seed it).
+
+    Returns the exponential moving average of the weights (diffusers' ``EMAModel``, its warmup
+    decay 1 - (1 + step)^(-2/3) capped at ``ema_decay``; 0 keeps the raw weights), as diffusion
+    models are published: on a short run it smooths out the last, noisy Adam steps.
+    ``check(unet)`` (e.g. judged samples), if given, runs on the averaged weights every
+    ``check_every`` steps and at the end; its results are the ``"curve"`` of the returned record."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
 
     unet = UNet2DConditionModel(sample_size=latent_mean.shape[-1], cross_attention_dim=cond.shape[-1],
-                                **UNET_CONFIG).train()
+                                **dict(UNET_CONFIG, in_channels=latent_mean.shape[1], out_channels=latent_mean.shape[1])
+                                ).train()
     noise_scheduler = DDPMScheduler.from_config({k: v for k, v in SD_SCHEDULER.items() if not k.startswith("_")})
+    ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True) if ema_decay > 0 else None
+    curve: list[dict] = []
+
+    def averaged() -> torch.nn.Module:
+        """A copy of the UNet holding the averaged weights (a deep copy: no draw from the RNG)."""
+        model = copy.deepcopy(unet)
+        if ema is not None:
+            ema.copy_to(model.parameters())
+        return model.eval().requires_grad_(False)
+
+    def checkpoint(step: int) -> None:
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # a check leaves the training's random stream as it was
+            point = {"step": step, **check(averaged())}
+        point["seconds"] = round(time.perf_counter() - start, 1)
+        curve.append(point)
+        log(f"  unet check at step {step}: {json.dumps(point)}")
 
     def loss(step: int) -> torch.Tensor:
+        # `fit` owns the optimizer step, so the average follows it here: at the start of step s it
+        # takes in the weights that step s - 1 left (and once more after the loop).
+        if step > 0:
+            if ema is not None:
+                ema.step(unet.parameters())
+            if check is not None and check_every > 0 and step % check_every == 0:
+                checkpoint(step)
         pick = torch.randint(0, len(index), (batch_size,))
         latents = latent_mean[pick] + latent_std[pick] * torch.randn_like(latent_mean[pick])  # a VAE sample
         keep = torch.rand(batch_size) >= cfg_dropout  # (b,)
@@ -152,7 +192,13 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, cond: torch.
         return diffusion_loss(unet, noise_scheduler, latents, c)
 
     result = fit(unet.parameters(), loss, steps=steps, lr=lr, weight_decay=0.0, log=log, name="unet")
-    return unet.eval().requires_grad_(False), result
+    if ema is not None:
+        ema.step(unet.parameters())
+    if check is not None:
+        checkpoint(steps)
+        result["curve"] = curve
+    result["ema_decay"] = ema_decay
+    return averaged(), result
 
 
 # -- the whole model ------------------------------------------------------------------------------
@@ -171,16 +217,25 @@ def train_latent_diffusion(
     captions: list[str] | None = None,
     seed: int = 0,
     n_train: int = 8000,
-    vae_steps: int = 500,
-    unet_steps: int = 1600,
+    vae_steps: int = 400,
+    unet_steps: int = 1800,
     vae_batch_size: int = 32,
     unet_batch_size: int = 32,
+    unet_lr: float = 2e-3,
+    ema_decay: float = 0.999,
+    judge=None,
+    check_every: int = 0,
+    n_check: int = 32,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train the VAE, then the UNet on the frozen text encoder of ``clip_dir``, and write a
     StableDiffusionPipeline folder to ``out_dir``. Trains on ``images``/``captions`` if given
     ((n, 3, s, s) in [0, 1]), else on ``n_train`` freshly drawn scenes. Deterministic in ``seed``
-    (on one machine and thread count). Returns what was measured (losses, seconds per stage)."""
+    (on one machine and thread count). Returns what was measured (losses, seconds per stage).
+
+    With a ``judge``, the learning curve is measured on the way: every ``check_every`` UNet steps
+    (and at the end) ``n_check`` images drawn from held-out scenes' captions with the evaluation's
+    sampler (DPM-Solver, 25 steps, guidance 7.5) are judged; it does not change the training."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     timings: dict[str, float] = {}
@@ -205,10 +260,14 @@ def train_latent_diffusion(
         with torch.no_grad():
             dists = [vae.encode(chunk * 2 - 1).latent_dist for chunk in images.split(256)]
         scale = vae.config.scaling_factor
-        mean = torch.cat([d.mean for d in dists]) * scale  # (n, 8, h/4, w/4)
+        mean = torch.cat([d.mean for d in dists]) * scale  # (n, 4, h/2, w/2)
         std = torch.cat([d.std for d in dists]) * scale
+        check = None
+        if judge is not None:
+            check = judged_samples(judge, vae, text_encoder, tokenizer, uncond, n_check, seed + 4321)
         log(f"diffusion: UNet on {len(unique)} distinct captions ({unet_steps} steps)")
-        unet, unet_result = train_unet(mean, std, cond, index, uncond, unet_steps, unet_batch_size, log=log)
+        unet, unet_result = train_unet(mean, std, cond, index, uncond, unet_steps, unet_batch_size, lr=unet_lr,
+                                       ema_decay=ema_decay, check=check, check_every=check_every, log=log)
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -226,6 +285,44 @@ def train_latent_diffusion(
 
 
 # -- measuring it ---------------------------------------------------------------------------------
+def held_out_scenes(n: int, seed: int) -> list[toy.ToyScene]:
+    """``n`` scenes drawn with ``seed`` (another seed than the training set's)."""
+    rng = random.Random(seed)
+    return [toy.sample_scene(rng) for _ in range(n)]
+
+
+def judged_samples(judge, vae, text_encoder, tokenizer, uncond: torch.Tensor, n: int,
+                   seed: int) -> Callable[[torch.nn.Module], dict]:
+    """``check(unet)`` for :func:`train_unet`: the judge's scores of images drawn by ``unet`` (and
+    ``vae``) from the captions of ``n`` scenes drawn with ``seed``."""
+    scenes = held_out_scenes(n, seed)
+    cond = encode_captions(text_encoder, tokenizer, [toy.caption_scene(s) for s in scenes])  # (n, 77, d)
+
+    def check(unet) -> dict:
+        scores = judge_images(judge, draw_images(vae, unet, cond, uncond), scenes)
+        return {k: round(v, 3) for k, v in scores.items() if k != "n"}
+
+    return check
+
+
+@torch.no_grad()
+def draw_images(vae, unet, cond: torch.Tensor, uncond: torch.Tensor, num_inference_steps: int = 25,
+                guidance_scale: float = 7.5, seed: int = 0) -> torch.Tensor:
+    """Images (b, 3, s, s) in [0, 1] from in-memory parts, the way ``StableDiffusion.generate``
+    draws them (DPM-Solver from SD's scheduler config, guidance against ``uncond`` (77, d), one
+    generator per image): for checks during training, before there is a folder to load."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler.from_config({k: v for k, v in SD_SCHEDULER.items() if k[0] != "_"})
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond.expand(len(cond), -1, -1),
+               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="pt",
+               generator=[torch.Generator().manual_seed(seed + i) for i in range(len(cond))])
+    return out.images.float().clamp(0, 1)
+
+
 def evaluate_diffusion(
     sd_dir: str | Path,
     judge,
@@ -240,10 +337,8 @@ def evaluate_diffusion(
     ``StableDiffusion`` component (its defaults: DPM-Solver, 25 steps, guidance 7.5 against the
     embedding of "") and return the judge's per-attribute accuracy (see ``judge_images``)."""
     from mmgen.components.stable_diffusion import StableDiffusion
-    from mmgen.toy.judge import judge_images
 
-    rng = random.Random(seed)
-    scenes = [toy.sample_scene(rng) for _ in range(n)]
+    scenes = held_out_scenes(n, seed)
     captions = [toy.caption_scene(s) for s in scenes]
     sd = StableDiffusion(name_or_path=str(sd_dir))
     sd.configure()

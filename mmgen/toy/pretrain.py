@@ -2,10 +2,10 @@
 
     world      the generated world (captions, stories, dialogues) in .cache/, not shipped
     tokenizer  the world's word-level tokenizer (LM-shaped; the CLIP-shaped copy goes with clip/)
-    opt        OPT-style causal LM     (FROMAGe, GILL)
-    llama      LLaMA-style causal LM   (MiniGPT-5)
     clip       CLIPModel               (visual encoder of FROMAGe/GILL; text encoder of the diffusion model)
-    qformer    BLIP-2 Q-Former         (MiniGPT-5's visual encoder)
+    opt        OPT-style causal LM     (FROMAGe, GILL; its caption probe reads clip/'s image features)
+    llama      LLaMA-style causal LM   (MiniGPT-5)
+    qformer    BLIP-2 Q-Former         (MiniGPT-5's visual encoder), then MiniGPT-4's llama_proj onto llama/
     judge      the shape/colour classifier that scores generated images   (mmgen.toy.judge)
     sd         latent diffusion model conditioned on clip's text tower    (mmgen.toy.diffusion)
 
@@ -23,14 +23,14 @@ import torch
 
 from mmgen.toy import TOY_WORLD_DIR
 
-STAGES = ("world", "tokenizer", "opt", "llama", "clip", "qformer", "judge", "sd")
+STAGES = ("world", "tokenizer", "clip", "opt", "llama", "qformer", "judge", "sd")
 RECORD = "pretrain.json"
 
 # Sizes of the world and of each training run. ``quick`` (tests) shrinks every one of them.
-FULL = dict(n_captions=4096, n_stories=384, n_dialogues=384, n_val=128, lm_steps=400, clip_steps=800,
-            qformer_steps=600, judge_steps=600)
+FULL = dict(n_captions=4096, n_stories=384, n_dialogues=384, n_val=128, lm_steps=600, clip_steps=800,
+            qformer_steps=600, projection_steps=400, judge_steps=600)
 QUICK = dict(n_captions=256, n_stories=16, n_dialogues=16, n_val=32, lm_steps=10, clip_steps=10,
-             qformer_steps=5, judge_steps=10)
+             qformer_steps=5, projection_steps=5, judge_steps=10)
 
 
 def pretrain(out: Path = TOY_WORLD_DIR, world: Path = Path(".cache/mmgen-toy-world"), seed: int = 0,
@@ -77,7 +77,10 @@ def pretrain(out: Path = TOY_WORLD_DIR, world: Path = Path(".cache/mmgen-toy-wor
 
         model = AutoModelForCausalLM.from_pretrained(out / family)
         result["val_caption_perplexity"] = round(language.perplexity(model, tokenizer, pairs("val")[1]), 3)
-        result["val_text_perplexity"] = round(language.perplexity(model, tokenizer, language_texts(world, "val")), 3)
+        result["val_text_perplexity"] = round(
+            language.perplexity(model, tokenizer, language_texts(world, "val", restatements=0)), 3)
+        if not quick:  # does the state at a caption's end carry it (FROMAGe's [RET] reads it there)?
+            result["val_caption_probe"] = language.caption_probe_recall(model, tokenizer, world, out / "clip")
         return result
 
     def run_clip():
@@ -105,6 +108,17 @@ def pretrain(out: Path = TOY_WORLD_DIR, world: Path = Path(".cache/mmgen-toy-wor
         model = Blip2ForImageTextRetrieval.from_pretrained(out / "qformer").eval()
         val_images, val_captions = pairs("val")
         result["val_t2i_R@1"] = qformer.retrieval_r1(model, tokenizer, val_images, val_captions)
+        # MiniGPT-4's first stage: the llama_proj MiniGPT-5 loads frozen, from the llama/ LM
+        from mmgen.toy.projection import PROJECTION_FILE, caption_loss, train_projection
+
+        result["llama_proj"] = train_projection(out / "qformer", out / "llama", images, captions,
+                                                out / "qformer" / PROJECTION_FILE,
+                                                steps=sizes["projection_steps"], seed=seed, log=log)
+        if not quick:  # the held-out captions' loss through it, against a random projection's
+            result["llama_proj"]["val_caption_loss"] = caption_loss(
+                out / "qformer", out / "llama", val_images, val_captions, out / "qformer" / PROJECTION_FILE)
+            result["llama_proj"]["val_caption_loss_random_projection"] = caption_loss(
+                out / "qformer", out / "llama", val_images, val_captions, None)
         return result
 
     def run_judge():
@@ -120,10 +134,13 @@ def pretrain(out: Path = TOY_WORLD_DIR, world: Path = Path(".cache/mmgen-toy-wor
         from mmgen.toy.diffusion import evaluate_diffusion, train_latent_diffusion
         from mmgen.toy.judge import load_judge
 
-        steps = dict(n_train=256, vae_steps=5, unet_steps=5) if quick else {}
-        result = train_latent_diffusion(out / "sd", clip_dir=out / "clip", seed=seed, log=log, **steps)
-        if not quick:
-            result["judged_from_true_captions"] = evaluate_diffusion(out / "sd", load_judge(out / "judge"), n=120)
+        if quick:
+            return train_latent_diffusion(out / "sd", clip_dir=out / "clip", seed=seed, log=log, n_train=256,
+                                          vae_steps=5, unet_steps=5)
+        judge = load_judge(out / "judge")  # also judges samples along the way: the UNet's learning curve
+        result = train_latent_diffusion(out / "sd", clip_dir=out / "clip", seed=seed, log=log, judge=judge,
+                                        check_every=500)
+        result["judged_from_true_captions"] = evaluate_diffusion(out / "sd", judge, n=120)
         return result
 
     runners = {"world": run_world, "tokenizer": run_tokenizer, "opt": lambda: run_lm("opt"),
