@@ -114,3 +114,20 @@ def test_saved_tokenizer_equals_built_one(tokenizer) -> None:
         assert saved(text).input_ids == tokenizer(text).input_ids
     assert (saved.bos_token_id, saved.eos_token_id, saved.pad_token_id) == (1, 1, 0)
     assert saved.padding_side == "right"
+
+
+def _write_slowly(root: str) -> None:
+    write_toy_dataset(Path(root), n_train=96, n_val=16)
+
+
+def test_ranks_writing_on_first_use_wait_for_one_writer(tmp_path: Path) -> None:
+    """Every DDP rank builds the toy data on first use; they must not read half-written files or
+    delete each other's images as stale: one writes, the others wait and find it done."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        pool.map(_write_slowly, [str(tmp_path / "toy")] * 3)
+    root = tmp_path / "toy"
+    single = tmp_path / "single"
+    write_toy_dataset(single, n_train=96, n_val=16)
+    assert file_bytes(root) == file_bytes(single)  # complete, and as one writer leaves it

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import random
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,17 +100,31 @@ def write_toy_dataset(root: Path, n_train: int, n_val: int, image_size: int = 32
         "seed": seed,
         "version": TOY_FORMAT_VERSION,
     }
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return
-    marker.unlink(missing_ok=True)  # from here until the end the dataset is incomplete
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    for stale in [*images.glob("train_*.png"), *images.glob("val_*.png")]:  # only files we wrote
-        stale.unlink()
-    rng = random.Random(seed)
-    _write_split(root, "train", n_train, image_size, rng)
-    _write_split(root, "val", n_val, image_size, rng)
-    marker.write_text(json.dumps(params, sort_keys=True) + "\n")
+    with _one_writer(root):
+        if marker.is_file() and json.loads(marker.read_text()) == params:
+            return
+        marker.unlink(missing_ok=True)  # from here until the end the dataset is incomplete
+        images = root / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        for stale in [*images.glob("train_*.png"), *images.glob("val_*.png")]:  # only files we wrote
+            stale.unlink()
+        rng = random.Random(seed)
+        _write_split(root, "train", n_train, image_size, rng)
+        _write_split(root, "val", n_val, image_size, rng)
+        marker.write_text(json.dumps(params, sort_keys=True) + "\n")
+
+
+@contextmanager
+def _one_writer(root: Path):
+    """Hold the lock of the generated folder ``root`` (``.<name>.lock`` beside it). Every DDP rank
+    (and a second run started beside the first) builds the same toy data on first use; unlocked,
+    one rank read a TSV whose images another was still writing, or deleted as stale. Under the
+    lock the others wait, then find the finished folder's marker and keep it."""
+    from filelock import FileLock
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        yield
 
 
 class ToyCaptionDataModule(CaptionDataModule):
@@ -414,21 +429,22 @@ def write_toy_world(root: Path, n_captions: int = 4096, n_stories: int = 384, n_
     marker = root / "DONE"
     params = {"n_captions": n_captions, "n_stories": n_stories, "n_dialogues": n_dialogues, "n_val": n_val,
               "image_size": image_size, "seed": seed, "version": WORLD_FORMAT_VERSION}
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return root
-    marker.unlink(missing_ok=True)
-    n_val_sequences = max(4, n_val // 8)
-    for part, write, n in (("captions", _write_captions, n_captions), ("vist", _write_stories, n_stories),
-                           ("mmdialog", _write_dialogues, n_dialogues)):
-        folder = root / part
-        images = folder / "images" if part != "mmdialog" else folder
-        images.mkdir(parents=True, exist_ok=True)
-        for stale in [*images.glob("*.png"), *images.glob("*.jpg")]:  # only files this function wrote
-            stale.unlink()
-        rng = random.Random(f"{seed}-{part}")  # each part its own stream: sizes of one leave the others
-        write(folder, "train", n, image_size, rng)
-        write(folder, "val", n_val if part == "captions" else n_val_sequences, image_size, rng)
-    marker.write_text(json.dumps(params, sort_keys=True) + "\n")
+    with _one_writer(root):
+        if marker.is_file() and json.loads(marker.read_text()) == params:
+            return root
+        marker.unlink(missing_ok=True)
+        n_val_sequences = max(4, n_val // 8)
+        for part, write, n in (("captions", _write_captions, n_captions), ("vist", _write_stories, n_stories),
+                               ("mmdialog", _write_dialogues, n_dialogues)):
+            folder = root / part
+            images = folder / "images" if part != "mmdialog" else folder
+            images.mkdir(parents=True, exist_ok=True)
+            for stale in [*images.glob("*.png"), *images.glob("*.jpg")]:  # only files this function wrote
+                stale.unlink()
+            rng = random.Random(f"{seed}-{part}")  # each part its own stream: sizes of one leave the others
+            write(folder, "train", n, image_size, rng)
+            write(folder, "val", n_val if part == "captions" else n_val_sequences, image_size, rng)
+        marker.write_text(json.dumps(params, sort_keys=True) + "\n")
     return root
 
 
