@@ -12,7 +12,7 @@ from PIL import Image
 from mmgen.errors import ConfigError
 from mmgen.inference.engine import DecodingOptions, decode
 from mmgen.inference.index import RetrievalIndex
-from mmgen.inference.types import GeneratedImage, ImageRef, RetrievedImage, TextPart
+from mmgen.inference.types import ImageRef, TextPart
 
 SD_DIM = 16
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import pytest
 import torch
 
 from mmgen.cli import main
@@ -28,8 +27,8 @@ def _fit(config: str, *overrides: str):
 
 def test_tiny_stage1_then_stage2_from_its_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs' relative runs/ and .cache/ folders land here
-    cli1 = _fit("minigpt5_stage1_tiny.yaml", "--trainer.max_steps=8",
-                "--data.init_args.train.init_args.n_train=32", "--data.init_args.train.init_args.n_val=0")
+    _fit("minigpt5_stage1_tiny.yaml", "--trainer.max_steps=8",
+         "--data.init_args.train.init_args.n_train=32", "--data.init_args.train.init_args.n_val=0")
     rows = _metrics(tmp_path / "runs/minigpt5_stage1_tiny")
     text = [float(r["train/text"]) for r in rows]
     caption = [float(r["train/caption"]) for r in rows]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from mmgen.convert import Conversion, release_state, set_backbones, token_row_params, token_rows
 from mmgen.convert.fromage import (BACKBONE_PREFIXES, WEIGHTS_FILES, read_model_args, read_weights, release_paths,

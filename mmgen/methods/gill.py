@@ -34,7 +34,7 @@ from mmgen.components.base import ImageGenerator, InputProjection, LLMBackbone, 
 from mmgen.components.gill_mapper import GILLMapper
 from mmgen.components.retrieval_head import RetrievalHead
 from mmgen.components.visual_prefix import LinearVisualPrefix
-from mmgen.data.interleave import Interleaved, Text, collate
+from mmgen.data.interleave import Interleaved, collate
 from mmgen.errors import ConfigError, DataError
 from mmgen.methods.answering import GILLAnswers
 from mmgen.methods.base import MultimodalLM

@@ -49,8 +49,9 @@ def retrieval_recall(text: torch.Tensor, image: torch.Tensor, ks=(1, 5, 10),
 
     The scores are computed here, on the CPU, a chunk of queries at a time: the metric takes them
     flat with their query index and keeps every one it is given, so the whole (n, n) matrix at
-    once would cost n^2 of each (tens of GB for a 30k-image gallery). Recall is a mean over
-    queries, so chunks are weighted by their number of queries. Every caller holds the whole
+    once would cost n^2 of each (for a 30k-image gallery, about 12 GB of scores, targets and query
+    indexes, by count). Recall is a mean over queries, so chunks are weighted by their number of
+    queries. Every caller holds the whole
     gathered evaluation set, so the metric does not sync across processes (that would count each
     query once per process).
     """

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.components.clip_vision import CLIP_MEAN, CLIP_STD
-from mmgen.toy.training import distinct_caption_batch, fit
+from mmgen.toy.training import distinct_caption_batch, fit, save_trained
 
 # 32-px images in 8-px patches (16 tokens; 4-px patches were 2.5x slower and no better); text width = the UNet's cross-attention width.
 VISION_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
@@ -71,11 +71,7 @@ def train_clip(tokenizer, images: torch.Tensor, captions: list[str], out_dir: Pa
         return model(pixel_values=pixels[chosen], **text, return_loss=True).loss
 
     result = fit(model.parameters(), loss, steps=steps, lr=lr, log=log, name="clip")
-    model.eval()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    result["parameters"] = sum(p.numel() for p in model.parameters())
-    return result
+    return save_trained(model, tokenizer, out_dir, result)
 
 
 def zero_shot_accuracy(model, tokenizer, images: torch.Tensor, scenes: list) -> dict[str, float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mmgen.toy.training import fit
+from mmgen.toy.training import fit, save_trained
 
 # Small enough to train in about a minute on 2 cores; deep enough to track a story's state.
 OPT_CONFIG = dict(model_type="opt", hidden_size=64, word_embed_proj_dim=64, ffn_dim=256, num_hidden_layers=4,
@@ -77,11 +77,7 @@ def train_lm(family: str, tokenizer, texts: list[str], out_dir: Path, steps: int
     model.train()
     result = fit(model.parameters(), lambda step: model(**_batch(tokenizer, rng.choice(chunks))).loss,
                  steps=steps, lr=lr, log=log, name=family)
-    model.eval()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    result["parameters"] = sum(p.numel() for p in model.parameters())
-    return result
+    return save_trained(model, tokenizer, out_dir, result)
 
 
 # -- does the LM's state carry the caption? ---------------------------------------------------------
@@ -119,6 +115,8 @@ def probe_recall(states: torch.Tensor, features: torch.Tensor, val_states: torch
       0.99), so it also asks the states for the attributes' interactions.
 
     Written by hand: a few lines of torch, and no library probes frozen states against images."""
+    from mmgen.methods.losses import symmetric_infonce  # (mmgen.methods imports every method)
+
     generator = torch.Generator().manual_seed(seed)
     if fit == "least_squares":
         mean, std = states.mean(0), states.std(0) + 1e-6  # statistics of the training pairs
@@ -136,10 +134,7 @@ def probe_recall(states: torch.Tensor, features: torch.Tensor, val_states: torch
                 batch = torch.randperm(len(states), generator=generator)[:32]
                 t = torch.nn.functional.normalize(text_proj(states[batch]), dim=-1)  # (32, 64)
                 v = torch.nn.functional.normalize(image_proj(features[batch]), dim=-1)  # (32, 64)
-                logits = logit_scale.exp() * t @ v.T  # (32, 32)
-                target = torch.arange(len(batch))
-                loss = (torch.nn.functional.cross_entropy(logits, target)
-                        + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+                loss = symmetric_infonce(t, v, logit_scale)  # FROMAGe's contrastive loss
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

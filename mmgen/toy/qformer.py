@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.toy.clip import _pixels
-from mmgen.toy.training import distinct_caption_batch, fit
+from mmgen.toy.training import distinct_caption_batch, fit, save_trained
 
 # eps 1e-5 everywhere: QFormerEncoder sets LAVIS's ln_vision eps (1e-5) on the post-LayerNorm.
 VISION_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
@@ -75,11 +75,7 @@ def train_qformer(tokenizer, images: torch.Tensor, captions: list[str], out_dir:
 
     # Measured (600 steps, held-out R@1): batch 32 at lr 1e-3 0.36, batch 64 at lr 2e-3 0.60.
     result = fit(model.parameters(), loss, steps=steps, lr=lr, warmup=50, log=log, name="qformer")
-    model.eval()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    result["parameters"] = sum(p.numel() for p in model.parameters())
-    return result
+    return save_trained(model, tokenizer, out_dir, result)
 
 
 @torch.no_grad()

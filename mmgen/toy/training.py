@@ -53,3 +53,13 @@ def distinct_caption_batch(rng, captions: list[str], batch_size: int) -> list[in
         if len(chosen) == batch_size:
             break
     return chosen
+
+
+def save_trained(model, tokenizer, out_dir, result: dict) -> dict:
+    """Put ``model`` in eval mode and write it with its tokenizer to ``out_dir``; ``result`` (the
+    loop's numbers) gains the parameter count and is returned."""
+    model.eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    return result
