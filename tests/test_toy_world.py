@@ -159,15 +159,21 @@ def test_shipped_lm_and_clip_have_learned_the_world(world: Path) -> None:
     assert accuracy["shape"] >= 0.9 and accuracy["color"] >= 0.95
 
 
-def test_pretrain_is_deterministic(tmp_path: Path) -> None:
+def test_pretrain_is_deterministic_in_one_process_or_two(tmp_path: Path) -> None:
+    """The same files whether the lanes (the LMs beside the judge and diffusion model) run one
+    after the other or in two processes; the record holds every stage of both lanes."""
     from mmgen.cli import main
 
-    args = ["toy", "pretrain", "--quick", "--stages", "world,tokenizer,opt", "--world", str(tmp_path / "world")]
-    first = main(args + ["--out", str(tmp_path / "a")])
-    main(args + ["--out", str(tmp_path / "b")])
-    assert (tmp_path / "a/opt/model.safetensors").read_bytes() == (tmp_path / "b/opt/model.safetensors").read_bytes()
+    args = ["toy", "pretrain", "--quick", "--stages", "world,tokenizer,opt,judge", "--world", str(tmp_path / "world")]
+    first = main(args + ["--out", str(tmp_path / "a"), "--jobs", "1"])
+    second = main(args + ["--out", str(tmp_path / "b"), "--jobs", "2"])
+    for file in ("opt/model.safetensors", "judge/model.safetensors"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
     assert first["stages"]["opt"]["last_loss"] < first["stages"]["opt"]["first_loss"]
-    assert json.loads((tmp_path / "a" / "pretrain.json").read_text())["stages"].keys() == {"world", "tokenizer", "opt"}
+    for folder, record in (("a", first), ("b", second)):
+        on_disk = json.loads((tmp_path / folder / "pretrain.json").read_text())
+        assert on_disk == record and on_disk["stages"].keys() == {"world", "tokenizer", "opt", "judge"}
+    assert (first["jobs"], second["jobs"]) == (1, 2)
 
 
 def test_probe_recall_tells_carried_from_missing_and_buried_captions() -> None:
@@ -195,9 +201,10 @@ def test_probe_recall_tells_carried_from_missing_and_buried_captions() -> None:
 
 def test_shipped_lm_state_carries_the_caption_for_fromage(world: Path) -> None:
     """`caption_probe_recall` on the shipped OPT: FROMAGe's head on its frozen states at the
-    caption's end retrieves held-out images. Measured on this small world: 0.30 (chance 1/64); the
+    caption's end retrieves held-out images. Measured on this small world: 0.875 (chance 1/64);
+    the OPT of 600 steps at lr 3e-3, which never learned to answer from the caption, 0.30; the
     first toy OPT, whose attribute embeddings had collapsed, 0.09. (An untrained OPT of the same
-    shape gets 0.77: random states keep the words apart; training compresses them.)"""
+    shape gets 0.77: random states keep the words apart.)"""
     from transformers import AutoModelForCausalLM
 
     from mmgen.toy.language import caption_probe_recall
@@ -205,7 +212,33 @@ def test_shipped_lm_state_carries_the_caption_for_fromage(world: Path) -> None:
     tokenizer = build_world_tokenizer()
     probe = caption_probe_recall(AutoModelForCausalLM.from_pretrained(TOY_WORLD_DIR / "opt"), tokenizer, world)
     assert probe["n"] == 64
-    assert probe["contrastive_R@1"] >= 0.2 and probe["least_squares_R@1"] >= 0.6, probe
+    assert probe["contrastive_R@1"] >= 0.6 and probe["least_squares_R@1"] >= 0.8, probe
+
+
+def test_shipped_lms_answer_from_the_caption(world: Path) -> None:
+    """Asked about a held-out caption ("<caption> . what color is it ?"), the shipped LMs name the
+    caption's own value; an untrained LM of the same shape answers at chance. Measured on the full
+    world's 128 held-out captions: LLaMA 1.0 for every attribute; OPT shape and size 1.0, colour
+    0.70, position 0.77, background 0.34 (before the 1e-3 recipe, OPT was at chance on all five)."""
+    from transformers import AutoModelForCausalLM
+
+    from mmgen.toy.language import answer_accuracy, build_lm
+
+    tokenizer = build_world_tokenizer()
+    captions = [r.caption for r in _val_records(world)]
+    llama = answer_accuracy(AutoModelForCausalLM.from_pretrained(TOY_WORLD_DIR / "llama"), tokenizer, captions)
+    assert min(llama.values()) >= 0.9, llama
+    opt = answer_accuracy(AutoModelForCausalLM.from_pretrained(TOY_WORLD_DIR / "opt"), tokenizer, captions)
+    assert opt["shape"] >= 0.9 and opt["size"] >= 0.9 and sum(opt.values()) / 5 >= 0.7, opt
+    torch.manual_seed(0)
+    untrained = answer_accuracy(build_lm("opt", tokenizer), tokenizer, captions)
+    assert sum(untrained.values()) / 5 <= 0.5, untrained  # chance: 0.32 on average
+
+
+def _val_records(world: Path):
+    from mmgen.data.captions import read_caption_tsv
+
+    return read_caption_tsv(world / "captions" / "val.tsv", world / "captions" / "images", "caption", "image")
 
 
 # -- the methods on top ------------------------------------------------------------------------------
@@ -225,11 +258,11 @@ def test_fromage_learns_retrieval_on_the_shipped_backbones(tmp_path: Path, world
     before = _validate("configs/fromage_toy.yaml", world)
     assert after["val/chance_R@1"] == 1 / 64
     assert after["val/contrastive"] < before["val/contrastive"] - 0.3, (before, after)
-    # Measured here after 100 steps: text-to-image R@10 0.56 (0.16 before training, chance 10/64),
-    # image-to-text R@1 0.31 (chance 1/64). A broken contrastive loss, a [RET] state cut off from
-    # the gradient or read at the wrong token stays near chance.
+    # Measured here after 100 steps: text-to-image R@1 0.61 and R@10 0.98 (0.016 and 0.19 before
+    # training; chance 1/64 and 10/64), image-to-text R@1 0.72. A broken contrastive loss, a [RET]
+    # state cut off from the gradient or read at the wrong token stays near chance.
     assert after["val/t2i_R@10"] >= max(2.5 * 10 / 64, before["val/t2i_R@10"] + 0.2), (before, after)
-    assert after["val/i2t_R@1"] >= 10 / 64, (before, after)
+    assert after["val/t2i_R@1"] >= 0.3 and after["val/i2t_R@1"] >= 0.3, (before, after)
 
 
 def _validate(config: str, world: Path) -> dict[str, float]:
@@ -243,15 +276,36 @@ def _validate(config: str, world: Path) -> dict[str, float]:
 def test_gill_mapper_learns_the_diffusion_models_conditioning(tmp_path: Path, world: Path) -> None:
     """GILL's generation loss (mapper output vs the toy diffusion model's own caption embeddings)
     falls well below the untrained mapper's, and retrieval through [IMG0] rises far above chance.
-    After so short a run the mapper's output is not yet specific to its caption (measured: it is
-    nearest its own caption's embedding for 1 of 64 held-out captions, chance), so whether the
-    images it draws are right is measured by benchmarks/bench_toy_world.py (docs/toy_world.md)."""
+    Whether the images it draws are right takes a longer run: benchmarks/bench_toy_world.py
+    (docs/toy_world.md)."""
     before = _validate("configs/gill_toy.yaml", world)
     cli = _fit("configs/gill_toy.yaml", tmp_path, world, "--trainer.max_epochs=10", "--trainer.max_steps=80")
     after = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    # Measured here: 9.15 untrained -> 6.67 after 80 steps; a mapper that never trains stays at 1.0x.
+    # Measured here: 9.38 untrained -> 5.10 after 80 steps; a mapper that never trains stays at 1.0x.
     assert after["val/gen"] < 0.8 * before["val/gen"], (before, after)
     # [IMG0]'s state carries the caption: text-to-image recall@10 over the 64 held-out images,
-    # measured here 0.125 before -> 0.5 after (chance 10/64 = 0.16); cut off from the LM's states, or
-    # read at the wrong token, it stays near chance.
+    # measured here 0.25 before -> 1.0 after (chance 10/64 = 0.16), and recall@1 0.03 -> 0.47 (chance
+    # 1/64); cut off from the LM's states, or read at the wrong token, they stay near chance.
     assert after["val/t2i_R@10"] >= max(2 * 10 / 64, before["val/t2i_R@10"] + 0.2), (before, after)
+    assert after["val/t2i_R@1"] >= 0.25, (before, after)
+
+
+def test_minigpt5_vokens_learn_the_diffusion_models_conditioning(tmp_path: Path) -> None:
+    """MiniGPT-5's stage 1 on the toy world (the shipped world's captions; its held-out ones
+    validate): the mapper's output from the vokens' states moves toward each caption's own
+    embedding (the caption loss, an MSE) far past the average caption embedding's (0.82), and the
+    LM learns to answer with the vokens. A mapper cut off from the vokens' states can reach no
+    better than the average; a broken voken mask leaves the text loss high."""
+    from mmgen.cli import main
+
+    stage = '[{"class_path": "mmgen.methods.stages.TrainingStages", "init_args": {"stages": ["uas"]}}]'
+    args = ["--config", "configs/minigpt5_stage1_toy.yaml", "--trainer.logger=false", f"--trainer.callbacks={stage}",
+            "--data.init_args.val=mmgen.data.toy.ToyWorldCaptionGeneration", "--data.init_args.val.split=test"]
+    before = main(["validate", *args]).trainer.callback_metrics
+    cli = main(["fit", *args, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_checkpointing=false",
+                "--trainer.max_steps=150", "--trainer.val_check_interval=150"])
+    after = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    before = {k: float(v) for k, v in before.items()}
+    # Measured here: caption MSE 2.00 -> 0.45, text loss 10.0 -> 1.56 after 150 steps.
+    assert after["val/caption"] < 0.6, (before, after)
+    assert after["val/text"] < 0.5 * before["val/text"], (before, after)

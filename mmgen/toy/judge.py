@@ -33,13 +33,7 @@ from mmgen.toy import TOY_WORLD_DIR
 TOY_JUDGE_DIR = TOY_WORLD_DIR / "judge"
 
 # What the judge reads, in the order of its logit blocks, with the world's values for each.
-ATTRIBUTES: dict[str, list[str]] = {
-    "shape": toy.TOY_SHAPES,
-    "color": toy.TOY_COLORS,
-    "size": toy.TOY_SIZES,
-    "position": toy.TOY_POSITIONS,
-    "background": toy.TOY_BACKGROUNDS,
-}
+ATTRIBUTES: dict[str, list[str]] = toy.ATTRIBUTE_VALUES
 RECORD = "judge.json"  # how the shipped judge was trained and how well it reads held-out images
 
 

@@ -24,19 +24,27 @@ import torch
 from mmgen.toy import TOY_WORLD_DIR
 
 STAGES = ("world", "tokenizer", "clip", "opt", "llama", "qformer", "judge", "sd")
+# Stages that run side by side with ``jobs=2``, once the stages before them are done: each reads
+# only what the common start (world, tokenizer, clip) and the earlier stages of its own lane wrote.
+LANES = (("opt", "llama", "qformer"), ("judge", "sd"))
 RECORD = "pretrain.json"
 
 # Sizes of the world and of each training run. ``quick`` (tests) shrinks every one of them.
-FULL = dict(n_captions=4096, n_stories=384, n_dialogues=384, n_val=128, lm_steps=600, clip_steps=800,
+FULL = dict(n_captions=4096, n_stories=384, n_dialogues=384, n_val=128, lm_steps=3000, clip_steps=800,
             qformer_steps=600, projection_steps=400, judge_steps=600)
 QUICK = dict(n_captions=256, n_stories=16, n_dialogues=16, n_val=32, lm_steps=10, clip_steps=10,
-             qformer_steps=5, projection_steps=5, judge_steps=10)
+             qformer_steps=5, projection_steps=5, judge_steps=20)  # the judge warms up over a tenth: >= 2 steps
 
 
 def pretrain(out: Path = TOY_WORLD_DIR, world: Path = Path(".cache/mmgen-toy-world"), seed: int = 0,
-             stages: tuple[str, ...] = STAGES, quick: bool = False, log=print) -> dict:
+             stages: tuple[str, ...] = STAGES, quick: bool = False, log=print, jobs: int = 1) -> dict:
     """Run ``stages`` (in STAGES order; later ones read what earlier ones saved in ``out``) and
-    return the record written to ``out/pretrain.json`` (merged with the stages not rerun)."""
+    return the record written to ``out/pretrain.json`` (merged with the stages not rerun).
+
+    ``jobs=2`` runs the two LANES in two processes after the common start, each stage with the
+    seed and thread count it has alone, so the files are the same as from one process."""
+    if jobs > 1:
+        return _pretrain_in_lanes(out, world, seed, stages, quick, log)
     from mmgen.data.toy import write_toy_world
     from mmgen.data.toy_tokenizer import build_world_tokenizer
     from mmgen.toy import clip, language, qformer
@@ -49,9 +57,8 @@ def pretrain(out: Path = TOY_WORLD_DIR, world: Path = Path(".cache/mmgen-toy-wor
     out, world = Path(out), Path(world)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record.update(seed=seed, quick=quick, sizes=sizes, torch_threads=torch.get_num_threads())
-    record.setdefault("stages", {})
+    record = dict(seed=seed, quick=quick, sizes=sizes, torch_threads=torch.get_num_threads(), jobs=1)
+    ran = {}  # this run's stages: only these replace what the record on disk holds
     tokenizer = build_world_tokenizer()
     clip_tokenizer = build_world_tokenizer(clip=True)
     write_world = lambda: write_toy_world(world, sizes["n_captions"], sizes["n_stories"], sizes["n_dialogues"],  # noqa: E731
@@ -79,6 +86,7 @@ def pretrain(out: Path = TOY_WORLD_DIR, world: Path = Path(".cache/mmgen-toy-wor
         result["val_caption_perplexity"] = round(language.perplexity(model, tokenizer, pairs("val")[1]), 3)
         result["val_text_perplexity"] = round(
             language.perplexity(model, tokenizer, language_texts(world, "val", restatements=0)), 3)
+        result["val_answer_accuracy"] = language.answer_accuracy(model, tokenizer, pairs("val")[1])
         if not quick:  # does the state at a caption's end carry it (FROMAGe's [RET] reads it there)?
             result["val_caption_probe"] = language.caption_probe_recall(model, tokenizer, world, out / "clip")
         return result
@@ -156,20 +164,50 @@ def pretrain(out: Path = TOY_WORLD_DIR, world: Path = Path(".cache/mmgen-toy-wor
         result = runners[stage]() or {}
         result = {k: v for k, v in result.items() if _jsonable(v)}
         result["stage_seconds"] = round(time.perf_counter() - start, 1)
-        record["stages"][stage] = result
+        ran[stage] = result
         log(f"[toy pretrain] {stage} done in {result['stage_seconds']} s: "
             f"{json.dumps({k: v for k, v in result.items() if k != 'stage_seconds'})}")
-        _save(record_path, record)  # after each stage
-    record["last_run_seconds"] = round(time.perf_counter() - total, 1)
-    _save(record_path, record)
-    return record
+        _save(record_path, record, ran)  # after each stage
+    return _save(record_path, {**record, "last_run_seconds": round(time.perf_counter() - total, 1)}, ran)
 
 
-def _save(path: Path, record: dict) -> None:
-    """Write ``record``, keeping the stages another run (``--stages``) wrote meanwhile."""
-    on_disk = json.loads(path.read_text()) if path.is_file() else {}
-    stages = {**on_disk.get("stages", {}), **record["stages"]}
-    path.write_text(json.dumps({**on_disk, **record, "stages": stages}, indent=2, sort_keys=True) + "\n")
+def _pretrain_in_lanes(out: Path, world: Path, seed: int, stages: tuple[str, ...], quick: bool, log) -> dict:
+    """The common start here, then LANES[0] in a second process while LANES[1] runs here."""
+    import multiprocessing
+
+    start = time.perf_counter()
+    lanes = [tuple(s for s in lane if s in stages) for lane in LANES]
+    pretrain(out, world, seed, tuple(s for s in stages if not any(s in lane for lane in LANES)), quick, log)
+    if not lanes[0]:
+        return pretrain(out, world, seed, lanes[1], quick, log)
+    side = multiprocessing.get_context("spawn").Process(
+        target=_run_lane, args=(out, world, seed, lanes[0], quick, torch.get_num_threads()))
+    side.start()
+    try:
+        pretrain(out, world, seed, lanes[1], quick, log)
+    finally:
+        side.join()
+    if side.exitcode != 0:
+        raise RuntimeError(f"the toy pretraining of {', '.join(lanes[0])} failed (exit code {side.exitcode}); "
+                           "its output is above")
+    return _save(Path(out) / RECORD, {"jobs": 2, "last_run_seconds": round(time.perf_counter() - start, 1)}, {})
+
+
+def _run_lane(out: Path, world: Path, seed: int, stages: tuple[str, ...], quick: bool, threads: int) -> None:
+    torch.set_num_threads(threads)
+    pretrain(out, world, seed, stages, quick)
+
+
+def _save(path: Path, record: dict, ran: dict) -> dict:
+    """Update the record on disk with ``record``'s fields and the stages this run ``ran``, keeping
+    the other stages (another run's, or the other lane's, written meanwhile: hence the lock)."""
+    from filelock import FileLock
+
+    with FileLock(f"{path}.lock"):
+        on_disk = json.loads(path.read_text()) if path.is_file() else {}
+        merged = {**on_disk, **record, "stages": {**on_disk.get("stages", {}), **ran}}
+        path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    return merged
 
 
 def _jsonable(value) -> bool:
