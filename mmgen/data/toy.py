@@ -217,8 +217,7 @@ class ToyScene:
     dy: float = 0.0
 
     def __post_init__(self) -> None:
-        for name, known in (("shape", TOY_SHAPES), ("color", TOY_COLORS), ("size", TOY_SIZES),
-                            ("position", TOY_POSITIONS), ("background", TOY_BACKGROUNDS)):
+        for name, known in ATTRIBUTE_VALUES.items():
             if getattr(self, name) not in known:
                 raise ValueError(f"unknown toy {name} {getattr(self, name)!r}; known: {known}")
 
@@ -295,8 +294,7 @@ DIALOGUE_QUESTION = "what is in this picture ?"
 def _changed(scene: ToyScene, rng: random.Random) -> tuple[str, ToyScene]:
     """(attribute, scene with that attribute set to another value); the jitter is redrawn."""
     attribute = rng.choice(list(STORY_CHANGES))
-    known = {"color": TOY_COLORS, "position": TOY_POSITIONS, "size": TOY_SIZES, "background": TOY_BACKGROUNDS}
-    value = rng.choice([v for v in known[attribute] if v != getattr(scene, attribute)])
+    value = rng.choice([v for v in ATTRIBUTE_VALUES[attribute] if v != getattr(scene, attribute)])
     jitter = {"dx": round(rng.uniform(-_MAX_JITTER, _MAX_JITTER), 3), "dy": round(rng.uniform(-_MAX_JITTER, _MAX_JITTER), 3)}
     return attribute, scene.replace(**{attribute: value}, **jitter)
 

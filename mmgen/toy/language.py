@@ -70,10 +70,10 @@ def train_lm(family: str, tokenizer, texts: list[str], out_dir: Path, steps: int
     ``out_dir``. Returns the loop's numbers.
 
     The rate and length are what let the LMs answer from a caption (`answer_accuracy`), which
-    FROMAGe's [RET] and GILL's [IMG] states need: at 3e-3 (600 or 3000 steps) the OPT never learned
-    to copy an attribute back, even on restatements alone, answering every question at chance; at
-    1e-3 it learns on restatements alone in 1200 steps, and from the whole mix in 3000 steps
-    (docs/toy_world.md)."""
+    FROMAGe's [RET] and GILL's [IMG] states need: at 3e-3 the OPT answered shape, colour, size and
+    background at chance after 600 or 3000 steps, and did not learn to copy a value back even on
+    restatements alone; at 1e-3 it learns on restatements alone in 1200 steps, and from the whole
+    mix in 3000 steps (docs/toy_world.md)."""
     torch.manual_seed(seed)
     model = build_lm(family, tokenizer)
     rng = random.Random(seed)
